@@ -1,0 +1,22 @@
+"""lora_course: learn LoRA and QLoRA by building them, then fine-tune real models with MLX.
+
+Importing this package first loads an optimized BLAS for MLX on Linux (see
+``lora_course/_blas.py``); set ``LORA_COURSE_NO_BLAS=1`` to opt out.
+"""
+
+from lora_course import _blas
+
+_blas.load_optimized_blas()  # must run before mlx.core is imported anywhere
+
+__version__ = "0.1.0"
+
+# -- tree utilities (notebook 01)
+# -- model (notebooks 02-03)
+# -- tokenizer and checkpoints (notebook 04)
+# -- generation (notebook 04)
+# -- LoRA and DoRA (notebooks 05-06)
+# -- adapters on disk (notebook 06)
+# -- quantization and QLoRA (notebooks 07-08)
+# -- data (notebook 09)
+# -- trainer and losses (notebook 10)
+# -- one-call API (notebook 13)
