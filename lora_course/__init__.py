@@ -11,6 +11,7 @@ _blas.load_optimized_blas()  # must run before mlx.core is imported anywhere
 __version__ = "0.1.0"
 
 # -- tree utilities (notebook 01)
+from lora_course.tree import tree_flatten, tree_map, tree_unflatten
 # -- model (notebooks 02-03)
 # -- tokenizer and checkpoints (notebook 04)
 # -- generation (notebook 04)
