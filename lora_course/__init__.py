@@ -13,6 +13,17 @@ __version__ = "0.1.0"
 # -- tree utilities (notebook 01)
 from lora_course.tree import tree_flatten, tree_map, tree_unflatten
 # -- model (notebooks 02-03)
+from lora_course.model import (
+    Attention,
+    FeedForward,
+    KVCache,
+    Model,
+    ModelArgs,
+    RMSNorm,
+    Transformer,
+    TransformerBlock,
+    make_cache,
+)
 # -- tokenizer and checkpoints (notebook 04)
 # -- generation (notebook 04)
 # -- LoRA and DoRA (notebooks 05-06)
