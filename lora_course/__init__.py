@@ -25,6 +25,7 @@ from lora_course.model import (
     make_cache,
 )
 # -- tokenizer and checkpoints (notebook 04)
+from lora_course.tokenizer import Tokenizer, train_tokenizer
 # -- generation (notebook 04)
 # -- LoRA and DoRA (notebooks 05-06)
 # -- adapters on disk (notebook 06)

@@ -1,0 +1,346 @@
+"""The tokenizer: a thin SentencePiece wrapper, and a trainer for tiny BPE models.
+
+Llama and Mistral checkpoints ship a SentencePiece BPE model (``tokenizer.model``;
+Kudo & Richardson 2018, "SentencePiece", arXiv:1808.06226; BPE after Sennrich et al.
+2016, arXiv:1508.07909). ``Tokenizer`` loads one and adds what fine-tuning needs:
+bos/eos/pad ids, a chat template, byte offsets for loss masks (``data.py``) and a
+streaming detokenizer for generation. ``train_tokenizer`` trains a BPE model whose
+settings make ``decode(encode(s)) == s`` for ordinary text, indentation included.
+Taught in notebook 04 (checkpoints, tokenizers and sampling); used in notebook 09.
+"""
+
+from __future__ import annotations
+
+import codecs
+import io
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+SPACE = "\u2581"  # "▁": how SentencePiece writes a space inside a piece
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot be used; the message names the file."""
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temp file next to ``path``, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _read_chat_template(folder: Path) -> str | None:
+    """A chat template stored beside the model: chat_template.jinja or tokenizer_config.json."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        try:
+            template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+        except (ValueError, AttributeError) as e:
+            raise TokenizerError(f"{config}: not a JSON object ({e})") from None
+        if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        return template if isinstance(template, str) else None
+    return None
+
+
+class Tokenizer:
+    """A SentencePiece model plus the special ids and chat template fine-tuning needs.
+
+    ``Tokenizer(path)`` takes a ``tokenizer.model`` file or a folder holding one; a chat
+    template beside it (``chat_template.jinja`` or ``tokenizer_config.json``) is read too.
+    ``pad_id`` is the model's pad piece if it has one, else ``eos_id``, else 0. Padding
+    must therefore be masked by sequence length, never by comparing ids with ``pad_id``.
+    """
+
+    def __init__(self, path: str | os.PathLike, chat_template: str | None = None):
+        path = Path(path)
+        if path.is_dir():
+            folder, path = path, path / "tokenizer.model"
+            if not path.is_file() and (folder / "tokenizer.json").is_file():
+                raise TokenizerError(
+                    f"{folder}: has tokenizer.json but no tokenizer.model; "
+                    "lora_course reads SentencePiece tokenizers only"
+                )
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: tokenizer file not found")
+        self._load(path.read_bytes(), str(path))
+        self.path = path
+        self.chat_template = chat_template or _read_chat_template(path.parent)
+
+    @classmethod
+    def from_bytes(cls, model_proto: bytes, chat_template: str | None = None) -> "Tokenizer":
+        """A tokenizer from the bytes of a ``tokenizer.model`` (nothing read from disk)."""
+        self = cls.__new__(cls)
+        self._load(model_proto, "<bytes>")
+        self.path = None
+        self.chat_template = chat_template
+        return self
+
+    def _load(self, proto: bytes, name: str) -> None:
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            self._sp.LoadFromSerializedProto(proto)
+        except RuntimeError:
+            raise TokenizerError(
+                f"{name}: not a SentencePiece model; pass the tokenizer.model that came with "
+                "the checkpoint, or make one with lora_course.train_tokenizer"
+            ) from None
+        self._proto = proto
+        self._table: list[bytes] | None = None
+        # SentencePiece may prepend a "dummy" space to every text; decode removes it again.
+        pieces = self._sp.encode("a", out_type=str)
+        self._dummy_prefix = bool(pieces) and pieces[0].startswith(SPACE)
+
+    # -- ids and sizes
+    @property
+    def sp(self) -> spm.SentencePieceProcessor:
+        """The underlying ``SentencePieceProcessor``."""
+        return self._sp
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._sp.bos_id() if self._sp.bos_id() >= 0 else None
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._sp.eos_id() if self._sp.eos_id() >= 0 else None
+
+    @property
+    def pad_id(self) -> int:
+        """The pad piece, or eos when the model has none (as Llama), or 0."""
+        for i in (self._sp.pad_id(), self._sp.eos_id()):
+            if i >= 0:
+                return i
+        return 0
+
+    def id_to_piece(self, i: int) -> str:
+        return self._sp.id_to_piece(int(i))
+
+    # -- text <-> ids
+    def _wrap(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
+        if bos and self.bos_id is not None:
+            ids = [self.bos_id, *ids]
+        if eos and self.eos_id is not None:
+            ids = [*ids, self.eos_id]
+        return ids
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        return self._wrap(self._sp.encode(text), bos, eos)
+
+    def encode_batch(self, texts: list[str], bos: bool = True, eos: bool = False) -> list[list[int]]:
+        """``encode`` for many texts at once (SentencePiece runs them in C++ threads)."""
+        return [self._wrap(ids, bos, eos) for ids in self._sp.encode(list(texts))]
+
+    def decode(self, ids) -> str:
+        """Text for ``ids``; bos/eos/pad (control pieces) decode to nothing."""
+        return self._sp.decode([int(i) for i in ids])
+
+    def _piece_bytes(self) -> list[bytes]:
+        """For every id, the exact bytes it stands for in the middle of a text."""
+        if self._table is None:
+            sp, table = self._sp, []
+            for i in range(sp.get_piece_size()):
+                piece = sp.id_to_piece(i)
+                if sp.is_control(i):
+                    table.append(b"")
+                elif sp.is_byte(i):  # "<0x0A>"
+                    table.append(bytes([int(piece[3:5], 16)]))
+                elif sp.is_unknown(i):
+                    table.append(" \u2047 ".encode())  # what SentencePiece prints for unk
+                else:
+                    table.append(piece.replace(SPACE, " ").encode())
+            self._table = table
+        return self._table
+
+    def detokenizer(self, at_start: bool = True) -> "StreamingDetokenizer":
+        """A streaming decoder: feed ids one by one, get text as soon as it is complete."""
+        return StreamingDetokenizer(self, at_start)
+
+    def encode_with_offsets(self, text: str, bos: bool = True, eos: bool = False,
+                            special: bool = False) -> tuple[list[int], np.ndarray, np.ndarray]:
+        """``(ids, starts, ends)``: token j covers bytes ``starts[j]:ends[j]`` of
+        ``text.encode()``; bos/eos cover nothing. With ``special=True`` the bos and eos
+        pieces written in the text (``<s>``, ``</s>``, as chat templates do) become their ids.
+        """
+        raw = text.encode("utf-8")
+        specials = {self.id_to_piece(i): i for i in (self.bos_id, self.eos_id) if i is not None}
+        parts = [text]
+        if special and specials:
+            parts = re.split("(" + "|".join(map(re.escape, specials)) + ")", text)
+        ids: list[int] = []
+        starts, ends, pos = [], [], 0
+        for k, part in enumerate(parts):
+            size = len(part.encode("utf-8"))
+            if k % 2 == 1:  # a special piece, matched by re.split's group
+                ids.append(specials[part])
+                starts.append(np.array([pos]))
+                ends.append(np.array([pos + size]))
+            elif part:
+                p_ids, p_starts, p_ends = self._offsets(part, raw[pos:pos + size])
+                ids += p_ids
+                starts.append(p_starts + pos)
+                ends.append(p_ends + pos)
+            pos += size
+        starts = np.concatenate(starts) if starts else np.zeros(0, np.int64)
+        ends = np.concatenate(ends) if ends else np.zeros(0, np.int64)
+        if bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids, starts, ends = [self.bos_id, *ids], np.r_[0, starts], np.r_[0, ends]
+        if eos and self.eos_id is not None:
+            ids, starts, ends = [*ids, self.eos_id], np.r_[starts, len(raw)], np.r_[ends, len(raw)]
+        return ids, starts.astype(np.int64), ends.astype(np.int64)
+
+    def _offsets(self, text: str, raw: bytes) -> tuple[list[int], np.ndarray, np.ndarray]:
+        ids = self._sp.encode(text)
+        table = self._piece_bytes()
+        pieces = [table[i] for i in ids]
+        if self._dummy_prefix and pieces and pieces[0].startswith(b" "):
+            pieces[0] = pieces[0][1:]
+        if b"".join(pieces) == raw:  # fast path: each piece is exactly its slice of the text
+            ends = np.cumsum([len(p) for p in pieces], dtype=np.int64)
+            return ids, ends - np.array([len(p) for p in pieces], dtype=np.int64), ends
+        # normalizing models (or unk pieces): ask SentencePiece for the spans
+        proto = self._sp.encode(text, return_type="proto")
+        return ([p.id for p in proto.pieces], np.array([p.begin for p in proto.pieces], np.int64),
+                np.array([p.end for p in proto.pieces], np.int64))
+
+    # -- chat
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """Render a conversation as one string.
+
+        With a ``chat_template`` (Jinja, as in Hugging Face's tokenizer_config.json) it is
+        rendered in a sandbox with ``messages``, ``add_generation_prompt``, ``bos_token`` and
+        ``eos_token``. Without one, the default is one line per message,
+        ``"{role}: {content}\\n"``, and the generation prompt is ``"assistant: "``.
+        """
+        if self.chat_template is None:
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+            return text + ("assistant: " if add_generation_prompt else "")
+        try:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        except ImportError:
+            raise ImportError("rendering a chat template needs jinja2: pip install jinja2") from None
+
+        def raise_exception(message):
+            raise TokenizerError(f"chat template: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        piece = lambda i: self.id_to_piece(i) if i is not None else ""  # noqa: E731
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=piece(self.bos_id), eos_token=piece(self.eos_id),
+        )
+
+    # -- disk
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write ``tokenizer.model`` (and ``chat_template.jinja`` if set) atomically."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        _atomic_write(folder / "tokenizer.model", self._proto)
+        if self.chat_template is not None:
+            _atomic_write(folder / "chat_template.jinja", self.chat_template.encode("utf-8"))
+        return folder / "tokenizer.model"
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, path={str(self.path)!r})"
+
+
+class StreamingDetokenizer:
+    """Decode one id at a time in O(1): a byte table plus an incremental UTF-8 decoder.
+
+    Decoding a growing id list again after every new token costs O(n) each time; this
+    keeps the state instead. A character split over byte-fallback pieces comes out when
+    its last byte arrives. ``"".join(pieces) + finalize()`` equals ``tokenizer.decode``.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, at_start: bool = True):
+        self._table = tokenizer._piece_bytes()
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self._strip = tokenizer._dummy_prefix and at_start  # drop the dummy space once
+
+    def add(self, token_id: int) -> str:
+        b = self._table[int(token_id)]
+        if self._strip and b:
+            b, self._strip = (b[1:] if b.startswith(b" ") else b), False
+        return self._utf8.decode(b)
+
+    def finalize(self) -> str:
+        return self._utf8.decode(b"", final=True)
+
+
+def _is_file_list(source) -> bool:
+    if isinstance(source, (str, os.PathLike)):
+        return True
+    if isinstance(source, (list, tuple)) and source:
+        return all(isinstance(s, os.PathLike) or (isinstance(s, str) and os.path.isfile(s))
+                   for s in source)
+    return False
+
+
+# Settings for decode(encode(s)) == s on ordinary text (the reasons are in notebook 04).
+TRAIN_DEFAULTS = dict(
+    model_type="bpe",
+    normalization_rule_name="identity",  # no NFKC: keep every character as written
+    remove_extra_whitespaces=False,      # keep indentation and repeated spaces
+    byte_fallback=True,                  # unseen characters become UTF-8 byte pieces
+    split_digits=True,                   # numbers as single digits
+    allow_whitespace_only_pieces=True,   # "▁▁▁▁" for indentation
+    character_coverage=1.0,
+    unk_id=0, bos_id=1, eos_id=2, pad_id=-1,  # Llama's layout
+    num_threads=1,                       # deterministic and polite on small machines
+    minloglevel=2,                       # quiet
+)
+
+
+def train_tokenizer(text_files_or_iterator, vocab_size: int, model_prefix: str | os.PathLike | None,
+                    **kw) -> Tokenizer:
+    """Train a BPE SentencePiece model and return it as a ``Tokenizer``.
+
+    ``text_files_or_iterator`` is a path, a list of paths (``Path`` objects or names of
+    existing files), or any iterable of text strings (works offline, nothing is read from
+    disk). Writes ``{model_prefix}.model`` atomically unless ``model_prefix`` is None.
+    ``kw`` overrides ``TRAIN_DEFAULTS`` (any ``spm.SentencePieceTrainer`` option).
+    """
+    options = {**TRAIN_DEFAULTS, **kw, "vocab_size": vocab_size}
+    if _is_file_list(text_files_or_iterator):
+        files = text_files_or_iterator
+        files = [files] if isinstance(files, (str, os.PathLike)) else files
+        options["input"] = ",".join(os.fspath(f) for f in files)
+    else:
+        options["sentence_iterator"] = (str(s) for s in text_files_or_iterator)
+    buffer = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(model_writer=buffer, **options)
+    except RuntimeError as e:  # e.g. "Vocabulary size too high (500). Please set it to ..."
+        reason = re.sub(r"^.*?\] ", "", str(e).strip().splitlines()[-1])  # drop the C++ location
+        raise ValueError(f"train_tokenizer: {reason}") from None
+    tokenizer = Tokenizer.from_bytes(buffer.getvalue())
+    if model_prefix is not None:
+        path = Path(f"{os.fspath(model_prefix)}.model")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, buffer.getvalue())
+        tokenizer.path = path
+    return tokenizer
