@@ -28,8 +28,17 @@ from lora_course.model import (
 from lora_course.tokenizer import Tokenizer, train_tokenizer
 # -- generation (notebook 04)
 # -- LoRA and DoRA (notebooks 05-06)
+from lora_course.lora import (
+    LoRALinear,
+    apply_lora,
+    count_parameters,
+    fuse,
+    print_trainable_parameters,
+)
+from lora_course.dora import DoRALinear
 # -- adapters on disk (notebook 06)
 # -- quantization and QLoRA (notebooks 07-08)
 # -- data (notebook 09)
+from lora_course.data import DatasetError, DatasetSplits, TokenizedDataset, load_dataset
 # -- trainer and losses (notebook 10)
 # -- one-call API (notebook 13)
