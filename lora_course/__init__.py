@@ -38,6 +38,7 @@ from lora_course.lora import (
 from lora_course.dora import DoRALinear
 # -- adapters on disk (notebook 06)
 # -- quantization and QLoRA (notebooks 07-08)
+from lora_course.quant import QuantizationError, dequantize, quantize
 # -- data (notebook 09)
 from lora_course.data import DatasetError, DatasetSplits, TokenizedDataset, load_dataset
 # -- trainer and losses (notebook 10)
