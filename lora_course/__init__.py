@@ -37,6 +37,7 @@ from lora_course.lora import (
 )
 from lora_course.dora import DoRALinear
 # -- adapters on disk (notebook 06)
+from lora_course.adapters import AdapterError, convert_peft_adapter, load_adapters, save_adapters
 # -- quantization and QLoRA (notebooks 07-08)
 from lora_course.quant import QuantizationError, dequantize, quantize
 # -- data (notebook 09)
