@@ -328,3 +328,44 @@ def convert_peft_adapter(peft_dir, out_dir) -> Path:
     except OSError as e:
         raise AdapterError(f"{out}: cannot write adapters ({e.strerror or e})") from None
     return out
+
+
+# ----------------------------------------------------------------------------- fusing
+
+
+def fuse_adapters(model_path, adapter_path, save_path, de_quantize: bool = False,
+                  export_hf: bool = False) -> Path:
+    """Load a checkpoint and an adapter, merge them, and save a standalone model.
+
+    ``export_hf`` writes a plain Hugging Face checkpoint (always de-quantized: HF
+    cannot hold MLX's packed weights, and merging into float avoids rounding twice).
+    """
+    from lora_course.checkpoint import load, save
+    from lora_course.lora import fuse
+
+    model, tokenizer = load(model_path)
+    load_adapters(model, adapter_path)
+    fuse(model, de_quantize=de_quantize or export_hf)
+    return save(model, tokenizer, save_path, format="hf" if export_hf else "mlx")
+
+
+def add_fuse_command(subparsers) -> None:
+    p = subparsers.add_parser(
+        "fuse", help="merge LoRA/DoRA adapters into a model and save it standalone",
+        description="Load --model, apply the adapters in --adapter-path, merge them into the "
+                    "weights and save the result to --save-path.")
+    p.add_argument("--model", required=True, help="checkpoint directory (HF or MLX layout)")
+    p.add_argument("--adapter-path", required=True,
+                   help="adapter directory (adapter_config.json + adapters.safetensors, or PEFT's)")
+    p.add_argument("--save-path", required=True, help="output directory for the fused model")
+    p.add_argument("--de-quantize", action="store_true",
+                   help="write float weights even if the model is quantized")
+    p.add_argument("--export-hf", action="store_true",
+                   help="write a plain Hugging Face checkpoint (implies --de-quantize)")
+    p.set_defaults(func=_fuse_cli)
+
+
+def _fuse_cli(args) -> int:
+    out = fuse_adapters(args.model, args.adapter_path, args.save_path, args.de_quantize, args.export_hf)
+    print(f"saved fused model to {out}")
+    return 0

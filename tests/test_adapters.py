@@ -255,3 +255,49 @@ def test_peft_errors(fresh, tmp_path):
         load_adapters(fresh(), folder)
     with pytest.raises(AdapterError, match="not a PEFT adapter directory"):
         convert_peft_adapter(tmp_path / "nothing", tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------- lora-course fuse
+
+
+@pytest.fixture
+def checkpoint(fresh, tmp_path):
+    """A tiny model saved with a tiny SentencePiece tokenizer, as lora_course.load expects."""
+    text = [f"the quick brown fox jumps over the lazy dog {i} times" for i in range(100)]
+    tok = lc.train_tokenizer(text, 100, tmp_path / "tok" / "tokenizer", byte_fallback=False)
+    return lc.save(fresh(), tok, tmp_path / "base")
+
+
+@pytest.mark.parametrize("quantized,flags", [(False, []), (True, ["--de-quantize"]), (True, [])])
+def test_fuse_command_writes_a_standalone_model(checkpoint, tmp_path, quantized, flags):
+    from lora_course.cli import main
+
+    if quantized:
+        checkpoint = lc.convert(hf_path=checkpoint, mlx_path=tmp_path / "q4", quantize=True,
+                                q_group_size=32, q_bits=4)
+    model, _ = lc.load(checkpoint)
+    save_adapters(trained(model, "dora", keys=["self_attn.v_proj", "mlp.gate_proj"]), tmp_path / "ad")
+    expected = model(TOKENS)
+    rc = main(["fuse", "--model", str(checkpoint), "--adapter-path", str(tmp_path / "ad"),
+               "--save-path", str(tmp_path / "fused"), *flags])
+    assert rc == 0
+    fused, tokenizer = lc.load(tmp_path / "fused")
+    names = [k for k, _ in tree_flatten(fused.parameters())]
+    assert not any(".lora_" in k or k.endswith(".m") for k in names)
+    assert any(k.endswith(".scales") for k in names) == (quantized and not flags)
+    err = mx.abs(fused(TOKENS) - expected).max().item()
+    if quantized and not flags:  # re-quantizing the merged weights rounds them again
+        assert 0 < err < 0.2 * mx.abs(expected).max().item()
+    else:
+        assert err <= 1e-4
+
+
+def test_fuse_command_reports_a_bad_adapter_in_one_line(checkpoint, tmp_path, capsys):
+    from lora_course.cli import main
+
+    (tmp_path / "ad").mkdir()
+    rc = main(["fuse", "--model", str(checkpoint), "--adapter-path", str(tmp_path / "ad"),
+               "--save-path", str(tmp_path / "fused")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "no adapter_config.json" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "fused").exists()
