@@ -15,6 +15,7 @@ import sys
 # subcommand -> "module:function that registers it"
 _COMMANDS = {
     "info": "lora_course.cli:add_info_command",
+    "fuse": "lora_course.adapters:add_fuse_command",
 }
 
 
