@@ -105,7 +105,8 @@ class Tokenizer:
                 "the checkpoint, or make one with lora_course.train_tokenizer"
             ) from None
         self._proto = proto
-        self._table: list[bytes] | None = None
+        self._table: list[bytes] | None = None  # bytes per id, built on first use
+        self._lengths: np.ndarray | None = None
         # SentencePiece may prepend a "dummy" space to every text; decode removes it again.
         pieces = self._sp.encode("a", out_type=str)
         self._dummy_prefix = bool(pieces) and pieces[0].startswith(SPACE)
@@ -214,13 +215,16 @@ class Tokenizer:
 
     def _offsets(self, text: str, raw: bytes) -> tuple[list[int], np.ndarray, np.ndarray]:
         ids = self._sp.encode(text)
-        table = self._piece_bytes()
-        pieces = [table[i] for i in ids]
-        if self._dummy_prefix and pieces and pieces[0].startswith(b" "):
-            pieces[0] = pieces[0][1:]
-        if b"".join(pieces) == raw:  # fast path: each piece is exactly its slice of the text
-            ends = np.cumsum([len(p) for p in pieces], dtype=np.int64)
-            return ids, ends - np.array([len(p) for p in pieces], dtype=np.int64), ends
+        if self._lengths is None:
+            self._lengths = np.array([len(b) for b in self._piece_bytes()], dtype=np.int64)
+        lengths = self._lengths[np.asarray(ids, dtype=np.int64)]  # (n,) bytes per piece
+        if self._dummy_prefix and ids and self._piece_bytes()[ids[0]].startswith(b" "):
+            lengths[0] -= 1
+        # Fast path: when decoding gives the text back (identity normalization, no unk),
+        # every piece is exactly its own slice of the text, so lengths give the offsets.
+        if int(lengths.sum()) == len(raw) and self._sp.unk_id() not in ids and self.decode(ids) == text:
+            ends = np.cumsum(lengths)
+            return ids, ends - lengths, ends
         # normalizing models (or unk pieces): ask SentencePiece for the spans
         proto = self._sp.encode(text, return_type="proto")
         return ([p.id for p in proto.pieces], np.array([p.begin for p in proto.pieces], np.int64),
