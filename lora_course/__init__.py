@@ -25,8 +25,10 @@ from lora_course.model import (
     make_cache,
 )
 # -- tokenizer and checkpoints (notebook 04)
+from lora_course.checkpoint import CheckpointError, convert, load, save
 from lora_course.tokenizer import Tokenizer, train_tokenizer
 # -- generation (notebook 04)
+from lora_course.generate import generate, stream_generate
 # -- LoRA and DoRA (notebooks 05-06)
 from lora_course.lora import (
     LoRALinear,

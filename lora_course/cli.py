@@ -16,6 +16,8 @@ import sys
 _COMMANDS = {
     "info": "lora_course.cli:add_info_command",
     "fuse": "lora_course.adapters:add_fuse_command",
+    "convert": "lora_course.checkpoint:add_convert_command",
+    "generate": "lora_course.generate:add_generate_command",
 }
 
 

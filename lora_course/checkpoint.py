@@ -1,0 +1,614 @@
+"""Checkpoints on disk: load and save Llama / Mistral weights, and convert between layouts.
+
+Three directory layouts are read, told apart by the files they hold:
+
+- **HF** (``config.json`` + ``model.safetensors``, or shards listed in
+  ``model.safetensors.index.json``): the Hugging Face layout. Tensor names are already
+  ours (``model.layers.0.self_attn.q_proj.weight``), so loading is a lookup.
+- **MLX**: what :func:`save` writes. The same layout, plus an optional ``quantization``
+  entry (``group_size``, ``bits``) in ``config.json`` as mlx-community models carry; the
+  quantized layers are built first, then filled.
+- **Meta / Mistral originals** (``params.json`` + ``consolidated.*.pth``): Meta's names
+  (``layers.0.attention.wq.weight``) are renamed to ours. Their RoPE rotates interleaved
+  feature pairs (Su et al., 2021, "RoFormer"), so the model is built with
+  ``rope_traditional=True`` rather than permuting the weights. ``.pth`` files are
+  read with ``torch.load(weights_only=True)``, which refuses pickled code.
+
+Loading is lazy: ``mx.load`` maps tensors without reading them, each tensor is checked
+against the shape the config implies and then handed to the model, so there is never
+a second full copy of the weights. Saving is atomic: everything is written into a
+temporary directory beside the target, which is then renamed into place.
+
+Taught in notebook 04 (checkpoints, tokenizers and sampling).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from lora_course.model import Model, ModelArgs
+from lora_course.quant import dequantize, quantize_model, use_dequant_layers
+from lora_course.tokenizer import Tokenizer
+from lora_course.tree import tree_flatten, tree_map
+
+BASE_DIR = Path(__file__).parent / "assets" / "base"  # the course's embedded base model
+DEFAULT_SHARD_MB = 5000  # write one safetensors file per this many MiB
+INDEX = "model.safetensors.index.json"
+FLOATS = (mx.float16, mx.bfloat16, mx.float32)
+SUPPORTED_TYPES = ("llama", "mistral")
+# HF config.json keys without which the model cannot be built (ModelArgs' defaults are 7B's).
+REQUIRED_HF = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+               "intermediate_size", "vocab_size")
+REQUIRED_META = ("dim", "n_layers", "n_heads")
+IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$|^rope\.freqs$")  # recomputed, not learned
+# What save() writes; it replaces an existing directory only if it holds nothing else.
+CHECKPOINT_FILES = re.compile(
+    r"^(config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|"
+    r"tokenizer\.model|chat_template\.jinja)$"
+)
+META_NAMES = [  # Meta / Mistral original name -> ours
+    (r"^tok_embeddings\.", "model.embed_tokens."),
+    (r"^norm\.", "model.norm."),
+    (r"^output\.", "lm_head."),
+    (r"^layers\.(\d+)\.attention\.w([qkvo])\.", r"model.layers.\1.self_attn.\2_proj."),
+    (r"^layers\.(\d+)\.feed_forward\.w1\.", r"model.layers.\1.mlp.gate_proj."),
+    (r"^layers\.(\d+)\.feed_forward\.w2\.", r"model.layers.\1.mlp.down_proj."),
+    (r"^layers\.(\d+)\.feed_forward\.w3\.", r"model.layers.\1.mlp.up_proj."),
+    (r"^layers\.(\d+)\.attention_norm\.", r"model.layers.\1.input_layernorm."),
+    (r"^layers\.(\d+)\.ffn_norm\.", r"model.layers.\1.post_attention_layernorm."),
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or written; the message names the file and tensor or key."""
+
+
+# ----------------------------------------------------------------------------- finding things
+
+
+def resolve(path=None) -> Path:
+    """The checkpoint directory: ``None`` or ``"base"`` mean the course's embedded base model
+    (a local directory named ``base`` wins over it)."""
+    if path is None or (str(path) == "base" and not Path("base").is_dir()):
+        if not (BASE_DIR / "config.json").is_file():
+            raise CheckpointError(
+                f"{BASE_DIR}: the course base model is not there (it is built by the course's "
+                "asset script); pass the path of a checkpoint directory instead"
+            )
+        return BASE_DIR
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise CheckpointError(f"{folder}: no such checkpoint directory")
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: a checkpoint is a directory (config.json, *.safetensors, "
+                              "tokenizer.model), not a file; pass its directory")
+    return folder
+
+
+def detect_format(folder: Path) -> str:
+    """``"hf"`` (also our MLX layout: config.json + safetensors) or ``"meta"`` (params.json)."""
+    if (folder / "config.json").is_file():
+        return "hf"
+    if (folder / "params.json").is_file():
+        return "meta"
+    raise CheckpointError(f"{folder}: neither config.json (Hugging Face / MLX) nor params.json "
+                          "(Meta / Mistral) found; is this a checkpoint directory?")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_config(folder: Path) -> ModelArgs:
+    """Build ``ModelArgs`` from ``config.json`` or ``params.json``, checking required keys."""
+    fmt = detect_format(folder)
+    path = folder / ("config.json" if fmt == "hf" else "params.json")
+    config = _read_json(path)
+    for key in REQUIRED_HF if fmt == "hf" else REQUIRED_META:
+        if key not in config:
+            raise CheckpointError(f"{path}: missing required key '{key}'")
+        value = config[key]
+        if key != "model_type" and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise CheckpointError(f"{path}: key '{key}' must be a positive integer, got {value!r}")
+    if fmt == "hf":
+        if config["model_type"] not in SUPPORTED_TYPES:
+            raise CheckpointError(f"{path}: model_type '{config['model_type']}' is not supported; "
+                                  f"lora_course reads {' and '.join(SUPPORTED_TYPES)} checkpoints")
+        if config.get("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"{path}: hidden_act '{config['hidden_act']}' is not supported "
+                                  "(Llama and Mistral use 'silu')")
+    elif "sliding_window" in config:
+        config.setdefault("model_type", "mistral")
+    try:
+        return ModelArgs.from_dict(config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of an HF/MLX checkpoint, from the index if there is one."""
+    index_path = folder / INDEX
+    if index_path.is_file():
+        weight_map = _read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index_path}: missing or empty 'weight_map'")
+        files = {}
+        for tensor, name in weight_map.items():
+            parts = Path(str(name)).parts
+            if not isinstance(name, str) or Path(name).is_absolute() or ".." in parts or not parts:
+                raise CheckpointError(f"{index_path}: tensor '{tensor}' points to '{name}', outside "
+                                      "the checkpoint directory; shard names must be plain file names")
+            if not (folder / name).is_file():
+                raise CheckpointError(f"{index_path}: shard '{name}' (holding tensor '{tensor}') is "
+                                      "missing; copy all shards listed in the index")
+            files.setdefault(name, folder / name)
+        return list(files.values())
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    files = sorted(folder.glob("model*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder}: no model.safetensors, {INDEX} or model-*.safetensors found")
+    return files
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load(path=None, lazy: bool = True) -> tuple[Model, Tokenizer]:
+    """Load ``(model, tokenizer)`` from a checkpoint directory (HF, MLX or Meta layout).
+
+    ``path=None`` (or ``"base"``) loads the course's embedded base model. With ``lazy``
+    the tensors are read from disk on first use; ``lazy=False`` reads them now, one
+    file at a time. Any problem raises one :class:`CheckpointError` naming the file.
+    """
+    folder = resolve(path)
+    fmt = detect_format(folder)
+    if fmt == "meta":
+        model = _load_meta(folder, lazy)
+    else:
+        args, files = read_config(folder), weight_files(folder)
+        model = _build(args, _quantized_paths(files))
+        sources = ((f, _mx_load(f)) for f in files)  # one file's tensors at a time
+        load_weights(model, sources, folder, lazy)
+    return model, _load_tokenizer(folder)
+
+
+def _mx_load(path: Path) -> dict[str, mx.array]:
+    try:
+        return mx.load(str(path))
+    except (RuntimeError, ValueError, OSError) as e:
+        reason = str(e).replace("[load_safetensors] ", "").splitlines()[0]
+        raise CheckpointError(f"{path}: cannot read safetensors: {reason}") from None
+
+
+def _quantized_paths(files: list[Path]) -> set[str]:
+    """Module paths that have ``.scales`` tensors, i.e. that were saved quantized."""
+    paths = set()
+    for f in files:
+        paths |= {k[: -len(".scales")] for k in _mx_load(f) if k.endswith(".scales")}
+    return paths
+
+
+def _build(args: ModelArgs, quantized: set[str]) -> Model:
+    """A model with random lazy weights (never computed), its quantized layers in place."""
+    model = Model(args)
+    if quantized:
+        q = dict(args.quantization or {})
+        if "group_size" not in q or "bits" not in q:
+            raise CheckpointError("config.json: the weights are quantized (found "
+                                  f"'{sorted(quantized)[0]}.scales') but config.json has no "
+                                  "'quantization' entry with group_size and bits")
+
+        def predicate(path, module):
+            if path not in quantized or not hasattr(module, "to_quantized"):
+                return False
+            return q[path] if isinstance(q.get(path), dict) else True
+
+        nn.quantize(model, q["group_size"], q["bits"], mode=q.get("mode", "affine"),
+                    class_predicate=predicate)
+        use_dequant_layers(model)  # the same layer classes as quantize_model makes (fast on CPU)
+    return model
+
+
+def load_weights(model: Model, sources, where, lazy: bool = True) -> None:
+    """Fill ``model`` from ``sources``: pairs ``(file, {name: array})``, one file at a time.
+
+    Every tensor is checked (known name, shape, dtype) before it is used, and every
+    parameter must be filled; the first problem raises a :class:`CheckpointError`.
+    """
+    expected = dict(tree_flatten(model.parameters()))
+    args, seen = model.args, set()
+    for file, tensors in sources:
+        items = []
+        for name, value in tensors.items():
+            if IGNORED.search(name) or (name == "lm_head.weight" and args.tie_word_embeddings):
+                continue
+            _check_tensor(file, name, value, expected.get(name), args)
+            items.append((name, value))
+            seen.add(name)
+        model.load_weights(items, strict=False)
+        if not lazy:
+            mx.eval([v for _, v in items])
+        del items, tensors  # drop this file's references before opening the next
+    missing = [k for k in expected if k not in seen]
+    if missing:
+        hint = ""
+        if missing[0] == "lm_head.weight":
+            hint = "; if the model reuses its embedding as output head, set tie_word_embeddings: true"
+        raise CheckpointError(
+            f"{where}: tensor '{missing[0]}' (shape {tuple(expected[missing[0]].shape)}) is missing "
+            f"from the checkpoint ({len(missing)} missing in all){hint}"
+        )
+
+
+def _check_tensor(file, name: str, value: mx.array, want: mx.array | None, args: ModelArgs) -> None:
+    if want is None:
+        raise CheckpointError(
+            f"{file}: unexpected tensor '{name}' (shape {tuple(value.shape)}); a {args.model_type} "
+            f"model with {args.n_layers} layers and tie_word_embeddings={args.tie_word_embeddings} "
+            "has no such parameter; does config.json belong to these weights?"
+        )
+    if want.dtype == mx.uint32:
+        ok, expect = value.dtype == mx.uint32, "uint32 (quantized)"
+    else:
+        ok, expect = value.dtype in FLOATS, "float16, bfloat16 or float32"
+    if not ok:
+        raise CheckpointError(f"{file}: tensor '{name}' has dtype {value.dtype}, expected {expect}; "
+                              "re-save the checkpoint with a supported dtype")
+    if tuple(value.shape) != tuple(want.shape):
+        if (name in ("model.embed_tokens.weight", "lm_head.weight") and value.ndim == 2
+                and value.shape[0] != args.vocab_size):
+            raise CheckpointError(
+                f"{file}: tensor '{name}' has {value.shape[0]} rows (shape {tuple(value.shape)}) but "
+                f"config vocab_size is {args.vocab_size} (expects {tuple(want.shape)}); fix "
+                "vocab_size in the config to match the embedding"
+            )
+        raise CheckpointError(f"{file}: tensor '{name}' has shape {tuple(value.shape)}, but the "
+                              f"model built from the config expects {tuple(want.shape)}")
+
+
+def _load_tokenizer(folder: Path) -> Tokenizer:
+    if not (folder / "tokenizer.model").is_file():
+        raise CheckpointError(f"{folder}: no tokenizer.model (a SentencePiece model); lora_course "
+                              "needs the tokenizer.model that came with the checkpoint")
+    return Tokenizer(folder / "tokenizer.model")
+
+
+# ----------------------------------------------------------------------------- Meta / Mistral
+
+
+def meta_to_hf_name(name: str) -> str:
+    """``layers.0.attention.wq.weight`` -> ``model.layers.0.self_attn.q_proj.weight``."""
+    for pattern, repl in META_NAMES:
+        new, n = re.subn(pattern, repl, name)
+        if n:
+            return new
+    return name
+
+
+def _meta_concat_axis(name: str) -> int | None:
+    """How model-parallel shards of Meta checkpoints split a tensor (None: replicated)."""
+    if re.search(r"(norm|rope)", name):
+        return None
+    if re.search(r"(attention\.wo|feed_forward\.w2|tok_embeddings)\.", name):
+        return 1
+    return 0
+
+
+def _load_meta(folder: Path, lazy: bool) -> Model:
+    args_path = folder / "params.json"
+    safetensors = sorted(folder.glob("consolidated*.safetensors"))
+    if safetensors:  # newer Mistral releases: Meta names, safetensors container
+        shards = [_mx_load(f) for f in safetensors]
+        first = safetensors[0]
+    else:
+        pths = sorted(folder.glob("consolidated.*.pth"))
+        if not pths:
+            raise CheckpointError(f"{folder}: params.json but no consolidated.*.pth or "
+                                  "consolidated.safetensors weights")
+        shards = [_torch_load(f) for f in pths]
+        first = pths[0]
+    merged = {}
+    for name in shards[0]:
+        parts = [s[name] for s in shards if name in s]
+        axis = _meta_concat_axis(name)
+        merged[meta_to_hf_name(name)] = (
+            parts[0] if len(parts) == 1 or axis is None else mx.concatenate(parts, axis=axis))
+    del shards
+    config = _read_json(args_path)
+    args = read_config(folder)
+    embed = merged.get("model.embed_tokens.weight")
+    if embed is not None and (config.get("vocab_size") in (None, -1) or args.vocab_size <= 0):
+        args.vocab_size = embed.shape[0]  # Llama 1/2 params.json says vocab_size: -1
+    if "lm_head.weight" not in merged:
+        args.tie_word_embeddings = True
+    model = Model(args)
+    load_weights(model, [(first, merged)], folder, lazy)
+    return model
+
+
+def _torch_load(path: Path) -> dict[str, mx.array]:
+    """Read a ``.pth`` state dict without running pickled code, as MLX arrays."""
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(f"{path}: reading .pth weights needs PyTorch: pip install torch "
+                              "(or convert the checkpoint to safetensors elsewhere)") from None
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy format
+    except Exception as e:  # noqa: BLE001  (UnpicklingError, zip errors ...: one line for people)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: refused to load: not a plain tensor checkpoint "
+                              f"(torch.load weights_only=True: {reason})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
+    out = {}
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"{path}: entry '{name}' is a {type(t).__name__}, not a tensor")
+        t = t.contiguous()
+        if t.dtype == torch.bfloat16:  # numpy has no bfloat16: move the raw bits
+            out[name] = mx.array(t.view(torch.uint16).numpy()).view(mx.bfloat16)
+        else:
+            out[name] = mx.array(t.numpy())
+    return out
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def _quantized_modules(model) -> dict[str, nn.Module]:
+    return {p: m for p, m in model.named_modules() if hasattr(m, "scales") and hasattr(m, "bits")}
+
+
+def _quantization_config(model) -> dict | None:
+    """``{"group_size", "bits"}`` of the quantized layers, plus per-layer entries that differ."""
+    mods = _quantized_modules(model)
+    if not mods:
+        return None
+    first = next(iter(mods.values()))
+    q = {"group_size": first.group_size, "bits": first.bits}
+    if getattr(first, "mode", "affine") != "affine":
+        q["mode"] = first.mode
+    for path, m in mods.items():
+        if (m.group_size, m.bits) != (q["group_size"], q["bits"]):
+            q[path] = {"group_size": m.group_size, "bits": m.bits}
+    return q
+
+
+def _interleaved_to_halves(w: mx.array, n_heads: int) -> mx.array:
+    """Reorder q/k output rows from RoPE's interleaved pairs to the HF half-split layout."""
+    rows = w.shape[0]
+    head_dim = rows // n_heads
+    w = w.reshape(n_heads, head_dim // 2, 2, *w.shape[1:])  # (heads, pairs, 2, ...)
+    return w.swapaxes(1, 2).reshape(rows, *w.shape[3:])  # (heads * head_dim, ...)
+
+
+def hf_weights(model: Model) -> dict[str, mx.array]:
+    """The model's tensors as a plain HF checkpoint: dequantized, RoPE in HF's layout."""
+    weights = dict(tree_flatten(model.parameters()))
+    for path, m in _quantized_modules(model).items():
+        if getattr(m, "mode", "affine") != "affine":
+            raise CheckpointError(f"layer '{path}': mode '{m.mode}' quantization cannot be "
+                                  "written in HF format; save with format='mlx'")
+        weights[f"{path}.weight"] = dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits)
+        del weights[f"{path}.scales"], weights[f"{path}.biases"]
+    if model.args.rope_traditional:
+        for name in list(weights):
+            if re.search(r"self_attn\.[qk]_proj\.(weight|bias)$", name):
+                heads = model.args.n_heads if ".q_proj." in name else model.args.n_kv_heads
+                weights[name] = _interleaved_to_halves(weights[name], heads)
+    return weights
+
+
+def _dtype_name(weights: dict[str, mx.array]) -> str:
+    for v in weights.values():
+        if v.dtype in FLOATS:
+            return str(v.dtype).split(".")[-1]
+    return "float32"
+
+
+def save(model: Model, tokenizer: Tokenizer | None, path, format: str = "mlx",
+         shard_size_mb: float = DEFAULT_SHARD_MB) -> Path:
+    """Write ``model`` (and ``tokenizer``) as a checkpoint directory at ``path``, atomically.
+
+    ``format="mlx"`` keeps quantized layers and RoPE layout as they are; ``format="hf"``
+    writes a plain Hugging Face checkpoint (dequantized, HF RoPE layout) that
+    ``transformers.AutoModelForCausalLM.from_pretrained`` loads. Weights above
+    ``shard_size_mb`` are split into shards with an index. An existing directory is
+    replaced only if it holds nothing but checkpoint files.
+    """
+    if format not in ("mlx", "hf"):
+        raise CheckpointError(f"save: format must be 'mlx' or 'hf', got {format!r}")
+    names = [k for k, _ in tree_flatten(model.parameters())]
+    lora = next((k for k in names if ".lora_" in k), None)
+    if lora:
+        raise CheckpointError(f"save: the model still has adapter parameters ('{lora}'); merge them "
+                              "first with lora_course.fuse(model), or save the adapters alone")
+    path = Path(path)
+    _check_replaceable(path)
+    args = model.args
+    if format == "hf":
+        weights = hf_weights(model)
+        config = {k: v for k, v in args.to_hf_dict().items() if k != "quantization"}
+    else:
+        weights = dict(tree_flatten(model.parameters()))
+        config = args.to_hf_dict()
+        config.pop("quantization", None)
+        if _quantization_config(model):
+            config["quantization"] = _quantization_config(model)
+        if args.rope_traditional:
+            config["rope_traditional"] = True
+    config["torch_dtype"] = config["dtype"] = _dtype_name(weights)
+    if tokenizer is not None:
+        config["bos_token_id"], config["eos_token_id"] = tokenizer.bos_id, tokenizer.eos_id
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot write here ({e.strerror}); nothing was changed") from None
+    try:
+        _write_shards(tmp, weights, shard_size_mb, {"format": "pt" if format == "hf" else "mlx"})
+        del weights
+        _write_json(tmp / "config.json", config)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        _fsync(tmp)
+        _replace_dir(tmp, path)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{path}: writing the checkpoint failed ({e.strerror or e}); "
+                              "the previous contents are unchanged") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _check_replaceable(path: Path) -> None:
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: exists and is a file; save needs a directory path")
+    for child in path.iterdir():
+        if child.is_dir() or not CHECKPOINT_FILES.match(child.name):
+            raise CheckpointError(f"{path}: exists and holds '{child.name}', which is not a checkpoint "
+                                  "file; save to a new or empty directory (nothing was written)")
+
+
+def _write_shards(folder: Path, weights: dict, shard_size_mb: float, metadata: dict) -> None:
+    limit = shard_size_mb * 2**20
+    shards, current, size = [], {}, 0
+    for name in sorted(weights):
+        nbytes = weights[name].nbytes
+        if current and size + nbytes > limit:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = weights[name]
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        mx.save_safetensors(str(folder / "model.safetensors"), shards[0], metadata=metadata)
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        mx.save_safetensors(str(folder / file), shard, metadata=metadata)  # evaluates this shard only
+        weight_map.update({k: file for k in shard})
+        total += sum(v.nbytes for v in shard.values())
+    shards.clear()
+    _write_json(folder / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _fsync(folder: Path) -> None:
+    """Flush every file of ``folder`` (and the folder) to disk before it is renamed into place."""
+    for p in [*folder.iterdir(), folder]:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass  # some filesystems cannot fsync a directory
+        finally:
+            os.close(fd)
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Move the finished ``tmp`` to ``path``; an old ``path`` is moved aside, then deleted."""
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+    os.replace(path, old / path.name)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- convert
+
+
+def _quantize(model: Model, group_size: int = 64, bits: int = 4) -> Model:
+    """Quantize with lora_course.quant (the seed's rule: every Linear but the output head)."""
+    quantize_model(model, group_size=group_size, bits=bits)
+    model.args.quantization = {"group_size": group_size, "bits": bits}
+    return model
+
+
+def convert(torch_path=None, hf_path=None, mlx_path="mlx_model", quantize: bool = False,
+            q_group_size: int = 64, q_bits: int = 4, dtype: str | None = None,
+            shard_size_mb: float = DEFAULT_SHARD_MB) -> Path:
+    """Convert a Meta (``torch_path``) or HF (``hf_path``) checkpoint to MLX format at ``mlx_path``.
+
+    ``dtype`` (``"float16"``, ``"bfloat16"``, ``"float32"``) casts the float weights;
+    ``None`` keeps the stored dtype. ``quantize`` then quantizes with ``q_group_size``
+    and ``q_bits``.
+    """
+    if (torch_path is None) == (hf_path is None):
+        raise CheckpointError("convert: give exactly one source, torch_path or hf_path")
+    if dtype is not None and dtype not in ("float16", "bfloat16", "float32"):
+        raise CheckpointError(f"convert: dtype must be float16, bfloat16 or float32, got {dtype!r}")
+    source = torch_path if torch_path is not None else hf_path
+    model, tokenizer = load(source, lazy=True)
+    if dtype is not None:
+        target = getattr(mx, dtype)
+        model.update(tree_map(lambda a: a.astype(target) if a.dtype in FLOATS else a,
+                              model.parameters()))
+    if quantize:
+        if _quantized_modules(model):
+            raise CheckpointError(f"{source}: the checkpoint is already quantized; convert it "
+                                  "without -q, or start from an unquantized checkpoint")
+        _quantize(model, q_group_size, q_bits)
+    return save(model, tokenizer, mlx_path, format="mlx", shard_size_mb=shard_size_mb)
+
+
+def add_convert_command(subparsers) -> None:
+    p = subparsers.add_parser(
+        "convert", help="convert a Hugging Face or Meta checkpoint to MLX format, optionally quantized",
+        description="Convert a Hugging Face (--hf-path) or original Meta/Mistral (--torch-path) "
+                    "checkpoint into an MLX checkpoint directory (--mlx-path).")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--torch-path", help="directory with params.json and consolidated.*.pth")
+    source.add_argument("--hf-path", help="directory with config.json and *.safetensors")
+    p.add_argument("--mlx-path", default="mlx_model", help="output directory (default: mlx_model)")
+    p.add_argument("-q", "--quantize", action="store_true", help="quantize the weights")
+    p.add_argument("--q-group-size", type=int, default=64, help="quantization group size (default 64)")
+    p.add_argument("--q-bits", type=int, default=4, help="bits per quantized weight (default 4)")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                   help="cast float weights to this dtype (default: keep the stored dtype)")
+    p.add_argument("--shard-size-mb", type=float, default=DEFAULT_SHARD_MB,
+                   help=f"largest safetensors file in MiB (default {DEFAULT_SHARD_MB})")
+    p.set_defaults(func=_convert_cli)
+
+
+def _convert_cli(args) -> int:
+    out = convert(torch_path=args.torch_path, hf_path=args.hf_path, mlx_path=args.mlx_path,
+                  quantize=args.quantize, q_group_size=args.q_group_size, q_bits=args.q_bits,
+                  dtype=args.dtype, shard_size_mb=args.shard_size_mb)
+    print(f"saved {out}")
+    return 0
