@@ -44,5 +44,6 @@ from lora_course.adapters import AdapterError, convert_peft_adapter, load_adapte
 from lora_course.quant import QuantizationError, dequantize, quantize
 # -- data (notebook 09)
 from lora_course.data import DatasetError, DatasetSplits, TokenizedDataset, load_dataset
+from lora_course.docstrings import build_docstring_dataset
 # -- trainer and losses (notebook 10)
 # -- one-call API (notebook 13)

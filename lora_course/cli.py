@@ -18,6 +18,7 @@ _COMMANDS = {
     "fuse": "lora_course.adapters:add_fuse_command",
     "convert": "lora_course.checkpoint:add_convert_command",
     "generate": "lora_course.generate:add_generate_command",
+    "dataset": "lora_course.docstrings:add_dataset_command",
 }
 
 
