@@ -41,7 +41,18 @@ from lora_course.dora import DoRALinear
 # -- adapters on disk (notebook 06)
 from lora_course.adapters import AdapterError, convert_peft_adapter, load_adapters, save_adapters
 # -- quantization and QLoRA (notebooks 07-08)
-from lora_course.quant import QuantizationError, dequantize, quantize
+from lora_course.quant import (
+    DequantEmbedding,
+    DequantLinear,
+    ModelSize,
+    QuantizationError,
+    dequant_matmul,
+    dequantize,
+    model_size,
+    quantize,
+    quantize_model,
+    use_dequant_layers,
+)
 # -- data (notebook 09)
 from lora_course.data import DatasetError, DatasetSplits, TokenizedDataset, load_dataset
 from lora_course.docstrings import build_docstring_dataset

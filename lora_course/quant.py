@@ -1,4 +1,6 @@
-"""Group-wise affine quantization, written out in plain MLX ops (taught in notebook 07).
+"""Group-wise affine quantization in plain MLX ops, and QLoRA's frozen 4-bit base.
+
+Taught in notebook 07 (precision and quantization) and notebook 08 (QLoRA).
 
 QLoRA (Dettmers et al., 2023, "QLoRA: Efficient Finetuning of Quantized LLMs") freezes
 the base model in 4 bits and trains LoRA adapters on top. MLX stores such weights with
@@ -14,7 +16,7 @@ The math, for one group of ``g`` consecutive weights ``w_1..w_g`` in a row and `
     edge  = min(w) if |min(w)| > |max(w)| else max(w)   the end with the larger magnitude
     s     = +s if edge is min(w) else -s    codes count away from the edge, into the group
     q0    = round(edge / s)                  the edge, measured in steps from zero
-    if q0 != 0:  s = edge / q0, bias = edge  nudge s so that 0.0 lands exactly on a code
+    if q0 != 0:  s = edge / q0, bias = edge  nudge s so the grid passes exactly through 0.0
     else:        bias = 0
     q_i   = clip(round((w_i - bias) / s), 0, n)    the b-bit code, an integer in [0, n]
     (for b = 1 MLX skips the edge and snapping steps: s = max(max(w) - min(w), eps),
@@ -31,13 +33,24 @@ holds 8 codes (code 0 in bits 0-3, code 1 in bits 4-7, ...). For b = 3, 5 and 6 
 can straddle two words: 32 three-bit codes fill exactly 3 words, and code 10 uses the
 top 2 bits of word 0 and the lowest bit of word 1. A row of ``C`` weights becomes
 ``C * b / 32`` words plus ``C / g`` scales and ``C / g`` biases.
+
+Whole models: :func:`quantize_model` swaps eligible ``nn.Linear`` layers for
+:class:`DequantLinear` built from :func:`quantize`, and :func:`model_size` reports bytes
+and bits per weight. ``DequantLinear`` is an ``nn.QuantizedLinear`` whose CPU forward
+dequantizes into a BLAS matmul, with a custom backward that dequantizes again rather than
+keeping float weights alive; on other devices it runs MLX's fused ``quantized_matmul``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 
 import mlx.core as mx
+import mlx.nn as nn
+
+from lora_course.tree import tree_flatten, tree_unflatten
 
 SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 8)  # what mx.quantize accepts in affine mode
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
@@ -46,6 +59,9 @@ EPS = 1e-7  # smallest step size; MLX uses the same floor
 # Weights must stay below this magnitude: beyond about 3.4e31 the edge/step ratio of a
 # constant group overflows float32 and MLX's result depends on undefined behaviour.
 MAX_ABS_WEIGHT = 1e30
+
+
+_QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
 
 
 class QuantizationError(ValueError):
@@ -201,3 +217,217 @@ def dequantize(
     q = unpack(w_q, bits).reshape(*expected, group_size).astype(scales.dtype)
     w = q * scales[..., None] + biases[..., None]  # two rounded ops, as MLX computes it
     return w.reshape(*lead, cols)
+
+
+# ----------------------------------------------------------------------------- QLoRA, fast on CPU
+#
+# MLX's CPU quantized_matmul unpacks codes inside a scalar loop, about 6x slower than
+# a BLAS matmul here. On CPU it is faster to dequantize the (out, in) weight for the
+# moment it is needed and hand it to BLAS. The custom VJP below dequantizes again in
+# the backward pass instead of saving the float weight, so between the two passes
+# only the packed weight stays in memory: QLoRA's saving is kept.
+
+
+@functools.lru_cache(maxsize=None)
+def _dequant_matmul_fn(group_size: int, bits: int):
+    # float32 throughout: CPU matmuls in float16 / bfloat16 are ~15x slower than in float32.
+    def dense(w_q, scales, biases):  # (out, in)
+        w = mx.dequantize(w_q, scales, biases, group_size=group_size, bits=bits)
+        return w.astype(mx.float32)
+
+    @mx.custom_function
+    def matmul(x, w_q, scales, biases):
+        y = x.astype(mx.float32) @ dense(w_q, scales, biases).T  # (..., in) @ (in, out)
+        # quantized_matmul's output dtype: the shared dtype, float32 when they differ
+        return y.astype(x.dtype if x.dtype == scales.dtype else mx.float32)
+
+    @matmul.vjp
+    def matmul_vjp(primals, cotangent, output):
+        x, w_q, scales, biases = primals
+        dx = cotangent.astype(mx.float32) @ dense(w_q, scales, biases)  # (..., out) @ (out, in)
+        # The packed weight is frozen: its "gradients" are never evaluated.
+        return dx.astype(x.dtype), mx.zeros_like(w_q), mx.zeros_like(scales), mx.zeros_like(biases)
+
+    return matmul
+
+
+def dequant_matmul(
+    x: mx.array, w_q: mx.array, scales: mx.array, biases: mx.array, group_size: int = 64, bits: int = 4
+) -> mx.array:
+    """``x @ dequantize(w_q).T`` through BLAS, with a backward that dequantizes again.
+
+    Equal (up to float summation order) to ``mx.quantized_matmul(x, w_q, scales,
+    biases, transpose=True, group_size=group_size, bits=bits)``, and its gradient
+    with respect to ``x`` likewise.
+    """
+    return _dequant_matmul_fn(group_size, bits)(x, w_q, scales, biases)
+
+
+def _dequant_path(layer: nn.Module) -> bool:
+    if getattr(layer, "mode", "affine") != "affine":
+        return False
+    path = getattr(layer, "path", "auto")
+    return path == "dequant" or (path == "auto" and mx.default_device() == mx.cpu)
+
+
+class DequantLinear(nn.QuantizedLinear):
+    """An ``nn.QuantizedLinear`` that runs at BLAS speed on CPU (QLoRA's frozen base).
+
+    On CPU the forward is :func:`dequant_matmul`; elsewhere it is MLX's fused
+    ``quantized_matmul`` (``super().__call__``). Set ``layer.path`` to ``"dequant"`` or
+    ``"kernel"`` to force one; the default ``"auto"`` picks by ``mx.default_device()``.
+    Same parameters and file layout as ``nn.QuantizedLinear``, so LoRA wraps it as is.
+    """
+
+    path = "auto"
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if not _dequant_path(self):
+            return super().__call__(x)
+        y = dequant_matmul(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits)
+        return y + self["bias"] if "bias" in self else y
+
+
+class DequantEmbedding(nn.QuantizedEmbedding):
+    """``nn.QuantizedEmbedding`` whose ``as_linear`` (a tied output head) uses the CPU fast path."""
+
+    path = "auto"
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        if not _dequant_path(self):
+            return super().as_linear(x)
+        return dequant_matmul(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits)
+
+
+# ----------------------------------------------------------------------------- whole models
+
+
+def default_predicate(vocab_size: int | None, group_size: int):
+    """The seed's rule: quantize a Linear unless it produces the vocabulary (the output
+    head) or its input width does not divide into groups. Embeddings: width must divide."""
+
+    def predicate(path: str, module: nn.Module) -> bool:
+        in_dims = module.weight.shape[-1]
+        if isinstance(module, nn.Embedding):
+            return in_dims % group_size == 0
+        return module.weight.shape[0] != vocab_size and in_dims % group_size == 0
+
+    return predicate
+
+
+def _quantized_twin(module: nn.Module, group_size: int, bits: int, linear_class, embedding_class):
+    """A quantized layer holding our quantize(module.weight), bias carried over."""
+    rows, cols = module.weight.shape
+    if isinstance(module, nn.Embedding):
+        layer = embedding_class(rows, cols, group_size=group_size, bits=bits)
+    else:
+        layer = linear_class(cols, rows, bias="bias" in module, group_size=group_size, bits=bits)
+        if "bias" in module:
+            layer.bias = module.bias
+    layer.weight, layer.scales, layer.biases = quantize(module.weight, group_size, bits)
+    return layer
+
+
+def quantize_model(
+    model: nn.Module,
+    group_size: int = 64,
+    bits: int = 4,
+    predicate=None,
+    quantize_embedding: bool = False,
+    linear_class: type = DequantLinear,
+) -> nn.Module:
+    """Quantize ``model``'s eligible layers in place with :func:`quantize`; returns the model.
+
+    ``predicate(path, module) -> bool`` picks the ``nn.Linear`` layers (and, with
+    ``quantize_embedding=True``, ``nn.Embedding`` layers); the default is
+    :func:`default_predicate`. Linear layers become ``linear_class`` (default
+    :class:`DequantLinear`, fast on CPU; pass ``nn.QuantizedLinear`` for MLX's own).
+    ``model.args.quantization`` records ``{"group_size", "bits"}`` so that
+    ``checkpoint.save`` / ``load`` round trip.
+    """
+    _check_params(group_size, bits)
+    args = getattr(model, "args", None)
+    predicate = predicate or default_predicate(getattr(args, "vocab_size", None), group_size)
+    kinds = (nn.Linear, nn.Embedding) if quantize_embedding else (nn.Linear,)
+    swaps = []
+    for path, module in model.named_modules():
+        if isinstance(module, kinds) and predicate(path, module):
+            try:
+                twin = _quantized_twin(module, group_size, bits, linear_class, DequantEmbedding)
+            except QuantizationError as e:
+                raise QuantizationError(f"layer '{path}': {e}") from None
+            swaps.append((path, twin))
+    if swaps:
+        model.update_modules(tree_unflatten(swaps))
+        if args is not None and hasattr(args, "quantization"):
+            args.quantization = {"group_size": group_size, "bits": bits}
+    return model
+
+
+def use_dequant_layers(model: nn.Module) -> nn.Module:
+    """Swap every affine ``nn.QuantizedLinear`` / ``QuantizedEmbedding`` (for example from
+    ``checkpoint.load``) for :class:`DequantLinear` / :class:`DequantEmbedding`, in place.
+    The packed arrays are shared, nothing is re-quantized."""
+    swaps = []
+    for path, m in model.named_modules():
+        if type(m) not in _QUANTIZED or getattr(m, "mode", "affine") != "affine":
+            continue
+        rows, cols = m.weight.shape[0], m.weight.shape[1] * 32 // m.bits  # unpacked (out, in)
+        if isinstance(m, nn.QuantizedEmbedding):
+            twin = DequantEmbedding(rows, cols, group_size=m.group_size, bits=m.bits)
+        else:
+            twin = DequantLinear(cols, rows, "bias" in m, group_size=m.group_size, bits=m.bits)
+        twin.update(m.parameters())  # the same arrays (weight, scales, biases, bias)
+        swaps.append((path, twin))
+    if swaps:
+        model.update_modules(tree_unflatten(swaps))
+    return model
+
+
+@dataclass
+class ModelSize:
+    """Storage of a model's parameters, packed weights counted as stored."""
+
+    total_bytes: int  # every parameter array: packed words, scales, biases, floats
+    parameters: int  # logical parameter count (a b-bit packed word holds 32 / b weights)
+    quantized_parameters: int  # weights stored packed
+    quantized_bytes: int  # their words + scales + biases
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Average storage per parameter, whole model."""
+        return 8 * self.total_bytes / max(self.parameters, 1)
+
+    @property
+    def quantized_bits_per_weight(self) -> float:
+        """Storage per packed weight, scales and biases included (e.g. 4.5 for 4-bit, group 64, fp16)."""
+        return 8 * self.quantized_bytes / max(self.quantized_parameters, 1)
+
+    def __str__(self) -> str:
+        text = f"{self.total_bytes / 2**20:.2f} MiB, {self.parameters:,} parameters, "
+        text += f"{self.bits_per_weight:.2f} bits/weight"
+        if self.quantized_parameters:
+            text += f" ({self.quantized_parameters:,} quantized at {self.quantized_bits_per_weight:.2f} bits)"
+        return text
+
+
+def model_size(model: nn.Module) -> ModelSize:
+    """Bytes and effective bits per weight of ``model``, quantization scales and biases included."""
+    packed = {p: m.bits for p, m in model.named_modules() if isinstance(m, _QUANTIZED)}
+    total = params = q_params = q_bytes = 0
+    for path, a in tree_flatten(model.parameters()):
+        owner, _, leaf = path.rpartition(".")
+        total += a.nbytes
+        if owner in packed and leaf in ("weight", "scales", "biases"):
+            q_bytes += a.nbytes
+            if leaf == "weight":
+                n = a.size * 32 // packed[owner]
+                params, q_params = params + n, q_params + n
+        else:
+            params += a.size
+    return ModelSize(total, params, q_params, q_bytes)
+
+
+def effective_bits(bits: int, group_size: int, scale_dtype=mx.float16) -> float:
+    """Bits stored per weight: the code plus its share of one scale and one bias."""
+    return bits + 2 * 8 * scale_dtype.size / group_size

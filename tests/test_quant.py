@@ -218,3 +218,250 @@ def test_property_pack_unpack_round_trip(bits, packs, data):
     words = pack(mx.array(codes), bits)
     assert words.shape == (2, cols * bits // 32)
     assert np.array_equal(np.array(unpack(words, bits)), codes)
+
+
+# -- whole models ------------------------------------------------------------------------
+
+import mlx.nn as nn  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
+
+from lora_course import Model, ModelArgs, apply_lora, fuse  # noqa: E402
+from lora_course.quant import (  # noqa: E402
+    DequantEmbedding,
+    DequantLinear,
+    dequant_matmul,
+    effective_bits,
+    model_size,
+    quantize_model,
+    use_dequant_layers,
+)
+from lora_course.tree import tree_flatten  # noqa: E402
+
+BLOCK_LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+
+
+def tiny(**overrides):
+    cfg = dict(dim=64, n_layers=2, hidden_dim=128, n_heads=4, n_kv_heads=2, vocab_size=256)
+    mx.random.seed(0)
+    model = Model(ModelArgs(**{**cfg, **overrides}))
+    mx.eval(model.parameters())
+    return model
+
+
+def test_quantize_model_swaps_block_linears_with_our_quantizer():
+    model = tiny()
+    floats = {k: v for k, v in tree_flatten(model.parameters())}
+    quantize_model(model, group_size=32, bits=4)
+    modules = dict(model.named_modules())
+    for i in range(2):
+        for key in BLOCK_LINEARS:
+            path = f"model.layers.{i}.{key}"
+            layer = modules[path]
+            assert isinstance(layer, DequantLinear) and (layer.group_size, layer.bits) == (32, 4)
+            ref = mx.quantize(floats[f"{path}.weight"], 32, 4)
+            for ours, theirs in zip((layer.weight, layer.scales, layer.biases), ref):
+                assert mx.array_equal(ours, theirs).item(), path
+    assert type(modules["lm_head"]) is nn.Linear  # output size == vocab: the head stays float
+    assert type(modules["model.embed_tokens"]) is nn.Embedding
+    assert model.args.quantization == {"group_size": 32, "bits": 4}
+    assert model.args.to_hf_dict()["quantization"] == {"group_size": 32, "bits": 4}
+
+
+def test_default_predicate_skips_widths_that_do_not_divide():
+    model = tiny(hidden_dim=96)  # down_proj's input width 96 is not a multiple of 64
+    quantize_model(model, group_size=64, bits=4)
+    block = model.layers[0]
+    assert type(block.mlp.down_proj) is nn.Linear
+    assert isinstance(block.mlp.up_proj, DequantLinear)  # input width 64 divides
+
+
+def test_custom_predicate_embedding_and_tied_head():
+    model = tiny(tie_word_embeddings=True)
+    tokens = mx.random.randint(0, 256, (2, 8))
+    before = model(tokens)
+    quantize_model(model, 64, 8, predicate=lambda path, m: "mlp" in path or "embed" in path,
+                   quantize_embedding=True)
+    assert isinstance(model.model.embed_tokens, DequantEmbedding)
+    assert type(model.layers[0].self_attn.q_proj) is nn.Linear
+    assert isinstance(model.layers[0].mlp.up_proj, DequantLinear)
+    after = model(tokens)  # the tied head runs through DequantEmbedding.as_linear
+    assert after.shape == (2, 8, 256)
+    assert mx.abs(after - before).max().item() < 0.1  # 8 bits: close to the float model
+
+
+def test_quantize_model_names_the_bad_layer():
+    model = tiny()
+    model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(QuantizationError, match=r"model\.layers\.1\.mlp\.up_proj.*finite"):
+        quantize_model(model)
+
+
+def test_model_size_counts_scales_and_biases():
+    model = tiny()
+    fp32 = model_size(model)
+    assert fp32.bits_per_weight == 32.0 and fp32.quantized_parameters == 0
+    quantize_model(model, group_size=64, bits=4)
+    q = model_size(model)
+    assert q.parameters == fp32.parameters  # logical count unchanged
+    # per block: q, o (64x64); k, v (32x64, two kv heads); gate, up, down (128x64)
+    assert q.quantized_parameters == 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 128 * 64)
+    assert q.quantized_bits_per_weight == effective_bits(4, 64, mx.float32) == 5.0  # 4 + 2*32/64
+    assert q.total_bytes < fp32.total_bytes
+    assert "bits/weight" in str(q)
+    assert effective_bits(4, 64) == 4.5 and effective_bits(3, 32, mx.bfloat16) == 4.0
+
+
+def test_model_size_of_half_precision_model():
+    model = tiny()
+    model.update(tree_map_float16(model.parameters()))
+    quantize_model(model, group_size=64, bits=4)
+    assert model.layers[0].mlp.up_proj.scales.dtype == mx.float16
+    assert model_size(model).quantized_bits_per_weight == 4.5
+
+
+def tree_map_float16(params):
+    from lora_course.tree import tree_map
+
+    return tree_map(lambda a: a.astype(mx.float16), params)
+
+
+# -- the fast CPU path --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_dequant_linear_matches_quantized_matmul_with_gradients(bits):
+    mx.random.seed(bits)
+    linear = nn.Linear(128, 96, bias=True)
+    stock = nn.QuantizedLinear.from_linear(linear, group_size=64, bits=bits)
+    fast = DequantLinear.from_linear(linear, group_size=64, bits=bits)
+    assert isinstance(fast, DequantLinear)
+    fast.path = "dequant"
+    x = mx.random.normal((3, 5, 128))
+    cot = mx.random.normal((3, 5, 96))
+
+    def loss(layer):
+        return lambda x: (layer(x) * cot).sum()
+
+    assert mx.abs(fast(x) - stock(x)).max().item() <= 1e-4
+    g_fast, g_stock = mx.grad(loss(fast))(x), mx.grad(loss(stock))(x)
+    assert mx.abs(g_fast - g_stock).max().item() <= 1e-4
+    fast.path = "kernel"  # the GPU path is MLX's own kernel, exactly
+    assert mx.array_equal(fast(x), stock(x)).item()
+
+
+def test_dequant_path_is_chosen_by_device():
+    fast = DequantLinear(64, 32, bias=False, group_size=64, bits=4)
+    from lora_course.quant import _dequant_path
+
+    assert _dequant_path(fast) == (mx.default_device() == mx.cpu)
+    fast.path = "kernel"
+    assert not _dequant_path(fast)
+
+
+def test_dequant_matmul_gradient_via_value_and_grad_keeps_weights_frozen():
+    mx.random.seed(0)
+    w_q, scales, biases = quantize(mx.random.normal((32, 64)), 64, 4)
+    x = mx.random.normal((4, 64))
+    dx = mx.grad(lambda x: dequant_matmul(x, w_q, scales, biases, 64, 4).sum())(x)
+    dense = mx.dequantize(w_q, scales, biases, 64, 4)
+    assert mx.allclose(dx, mx.broadcast_to(dense.sum(0), (4, 64)), atol=1e-5).item()
+
+
+def test_use_dequant_layers_swaps_stock_layers_sharing_arrays():
+    model = tiny()
+    nn.quantize(model, 64, 4, class_predicate=lambda p, m: isinstance(m, nn.Linear)
+                and m.weight.shape[0] != 256)
+    tokens = mx.random.randint(0, 256, (1, 8))
+    before = model(tokens)
+    stock_weight = model.layers[0].mlp.up_proj.weight
+    use_dequant_layers(model)
+    assert isinstance(model.layers[0].mlp.up_proj, DequantLinear)
+    assert model.layers[0].mlp.up_proj.weight is stock_weight
+    assert mx.abs(model(tokens) - before).max().item() <= 1e-4
+
+
+# -- QLoRA --------------------------------------------------------------------------------
+
+
+def _lm_loss(model, x, y):
+    return nn.losses.cross_entropy(model(x), y, reduction="mean")
+
+
+def test_qlora_trains_only_adapters_and_matches_kernel_path():
+    model = tiny()
+    quantize_model(model, group_size=32, bits=4)
+    apply_lora(model, num_layers=2, rank=4)
+    tokens = mx.random.randint(0, 256, (2, 17))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    loss_and_grad = nn.value_and_grad(model, _lm_loss)
+    loss, grads = loss_and_grad(model, x, y)
+    names = [k for k, _ in tree_flatten(grads)]
+    assert names and all(k.endswith(("lora_a", "lora_b")) for k in names)
+    assert len(names) == 2 * 2 * len(BLOCK_LINEARS)
+
+    for _, m in model.named_modules():  # the same step through mx.quantized_matmul
+        if isinstance(m, DequantLinear):
+            m.path = "kernel"
+    loss_k, grads_k = loss_and_grad(model, x, y)
+    assert abs(loss.item() - loss_k.item()) <= 1e-4
+    for (k, g), (_, gk) in zip(tree_flatten(grads), tree_flatten(grads_k)):
+        assert mx.abs(g - gk).max().item() <= 1e-4, k
+
+
+def test_qlora_loss_goes_down_and_fuse_dequantizes():
+    model = tiny()
+    quantize_model(model, group_size=64, bits=4)
+    apply_lora(model, num_layers=2, rank=4)
+    frozen = model.layers[0].mlp.up_proj.linear.weight
+    tokens = mx.random.randint(0, 256, (2, 17))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    loss_and_grad = nn.value_and_grad(model, _lm_loss)
+    optimizer = optim.Adam(learning_rate=1e-2)
+    losses = []
+    for _ in range(6):
+        loss, grads = loss_and_grad(model, x, y)
+        optimizer.update(model, grads)
+        mx.eval(model.parameters(), optimizer.state)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert model.layers[0].mlp.up_proj.linear.weight is frozen  # the packed base never moved
+    logits = model(x)
+    fuse(model, de_quantize=True)
+    assert not any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+                   for _, m in model.named_modules())
+    assert model.args.quantization is None
+    assert mx.abs(model(x) - logits).max().item() <= 1e-4
+
+
+def test_quantized_model_save_load_round_trip(tmp_path):
+    from lora_course import train_tokenizer
+    from lora_course.checkpoint import load, save
+
+    tokenizer = train_tokenizer([f"line {i}: cats, dogs and quantized weights" for i in range(50)],
+                                300, None)
+    model = tiny(vocab_size=tokenizer.vocab_size)
+    quantize_model(model, group_size=32, bits=4)
+    save(model, tokenizer, tmp_path / "ckpt")
+    loaded, _ = load(tmp_path / "ckpt")
+    assert loaded.args.quantization == {"group_size": 32, "bits": 4}
+    assert isinstance(loaded.layers[1].mlp.down_proj, DequantLinear)
+    tokens = mx.array([[1, 2, 3, 4, 5]])
+    assert mx.array_equal(loaded(tokens), model(tokens)).item()
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_dequant_linear_half_precision_dtype_and_values(dtype):
+    mx.random.seed(0)
+    linear = nn.Linear(128, 64, bias=False)
+    linear.weight = linear.weight.astype(dtype)
+    stock = nn.QuantizedLinear.from_linear(linear, group_size=64, bits=4)
+    fast = DequantLinear.from_linear(linear, group_size=64, bits=4)
+    fast.path = "dequant"
+    x = mx.random.normal((4, 128)).astype(dtype)
+    y_fast, y_stock = fast(x), stock(x)
+    assert y_fast.dtype == y_stock.dtype == dtype
+    # both round to the half dtype; the fast path accumulates in float32
+    assert mx.allclose(y_fast.astype(mx.float32), y_stock.astype(mx.float32), rtol=2e-2, atol=2e-2).item()
+    dx = mx.grad(lambda x: fast(x).astype(mx.float32).sum())(x)
+    assert dx.dtype == dtype
