@@ -35,7 +35,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from lora_course.model import Model, ModelArgs
-from lora_course import quant
+from lora_course.quant import dequantize, quantize_model, use_dequant_layers
 from lora_course.tokenizer import Tokenizer
 from lora_course.tree import tree_flatten, tree_map
 
@@ -220,8 +220,7 @@ def _build(args: ModelArgs, quantized: set[str]) -> Model:
 
         nn.quantize(model, q["group_size"], q["bits"], mode=q.get("mode", "affine"),
                     class_predicate=predicate)
-        if hasattr(quant, "use_dequant_layers"):  # the layer classes quantize_model makes
-            quant.use_dequant_layers(model)
+        use_dequant_layers(model)  # the same layer classes quantize_model makes (fast on CPU)
     return model
 
 
@@ -411,7 +410,7 @@ def hf_weights(model: Model) -> dict[str, mx.array]:
         if getattr(m, "mode", "affine") != "affine":
             raise CheckpointError(f"layer '{path}': mode '{m.mode}' quantization cannot be "
                                   "written in HF format; save with format='mlx'")
-        weights[f"{path}.weight"] = quant.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits)
+        weights[f"{path}.weight"] = dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits)
         del weights[f"{path}.scales"], weights[f"{path}.biases"]
     if model.args.rope_traditional:
         for name in list(weights):
@@ -556,11 +555,7 @@ def _replace_dir(tmp: Path, path: Path) -> None:
 
 def _quantize(model: Model, group_size: int = 64, bits: int = 4) -> Model:
     """Quantize with lora_course.quant (the seed's rule: every Linear but the output head)."""
-    if hasattr(quant, "quantize_model"):
-        quant.quantize_model(model, group_size=group_size, bits=bits)
-    else:  # TODO(quant): drop this branch once quant.quantize_model is committed
-        nn.quantize(model, group_size, bits, class_predicate=lambda _, m: isinstance(m, nn.Linear)
-                    and m.weight.shape[0] != model.args.vocab_size and m.weight.shape[1] % group_size == 0)
+    quantize_model(model, group_size=group_size, bits=bits)
     model.args.quantization = {"group_size": group_size, "bits": bits}
     return model
 

@@ -438,6 +438,23 @@ def test_cli_convert_and_generate(saved, tmp_path, capsys):
     assert "generation:" in captured.err
 
 
+def test_cli_generate_with_adapters(saved, tmp_path, capsys):
+    from lora_course import apply_lora
+    from lora_course.adapters import save_adapters
+
+    model, tok = load(saved)
+    apply_lora(model, num_layers=2, rank=4)
+    mx.random.seed(1)  # random A and B, so the adapters change the output
+    model.update(lora_course.tree_map(lambda a: mx.random.normal(a.shape) * 0.5,
+                                      model.trainable_parameters()))
+    save_adapters(model, tmp_path / "adapters")
+    expected = generate(model, tok, "def f", max_tokens=10)
+    assert expected != generate(load(saved)[0], tok, "def f", max_tokens=10)
+    assert main(["generate", "--model", str(saved), "--adapter-path", str(tmp_path / "adapters"),
+                 "-p", "def f", "-n", "10"]) == 0
+    assert capsys.readouterr().out == "def f" + expected + "\n"
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["convert", "--hf-path", str(tmp_path / "missing"), "--mlx-path", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err

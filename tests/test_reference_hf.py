@@ -208,3 +208,21 @@ def test_malicious_pth_is_refused_without_running_code(tmp_path, tok):
         load(d)
     assert "\n" not in str(e.value)
     assert not marker.exists()
+
+
+def test_mlx_lm_quantized_checkpoint_loads(tok, tmp_path):
+    """An mlx-community-style checkpoint: embeddings and head quantized too, written by mlx-lm."""
+    mlx_lm_utils = pytest.importorskip("mlx_lm.utils", reason="needs the 'reference' extra (mlx-lm)")
+    build_hf("llama_tied", tmp_path / "hf", tok)  # rope_theta 10000: mlx-lm 0.32 ignores rope_parameters
+    theirs, config = mlx_lm_utils.load_model(tmp_path / "hf")
+    theirs, config = mlx_lm_utils.quantize_model(theirs, config, 32, 4)
+    (tmp_path / "q").mkdir()
+    mlx_lm_utils.save_model(tmp_path / "q", theirs)
+    mlx_lm_utils.save_config(config, tmp_path / "q" / "config.json")
+    tok.save(tmp_path / "q")
+    ours, _ = load(tmp_path / "q")
+    assert hasattr(ours.model.embed_tokens, "scales")  # a quantized embedding, used as the head
+    a, b = dict(ck.tree_flatten(ours.parameters())), dict(ck.tree_flatten(theirs.parameters()))
+    assert a.keys() == b.keys()
+    assert all(mx.array_equal(a[k], b[k]).item() for k in a)
+    np.testing.assert_allclose(our_logits(ours), our_logits(theirs), atol=1e-5, rtol=0)
