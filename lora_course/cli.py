@@ -19,6 +19,7 @@ _COMMANDS = {
     "convert": "lora_course.checkpoint:add_convert_command",
     "generate": "lora_course.generate:add_generate_command",
     "dataset": "lora_course.docstrings:add_dataset_command",
+    "pretrain": "lora_course.pretrain:add_pretrain_command",
 }
 
 
