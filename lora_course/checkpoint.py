@@ -176,15 +176,14 @@ def load(path=None, lazy: bool = True) -> tuple[Model, Tokenizer]:
     file at a time. Any problem raises one :class:`CheckpointError` naming the file.
     """
     folder = resolve(path)
-    fmt = detect_format(folder)
-    if fmt == "meta":
-        model = _load_meta(folder, lazy)
-    else:
-        args, files = read_config(folder), weight_files(folder)
-        model = _build(args, _quantized_paths(files))
-        sources = ((f, _mx_load(f)) for f in files)  # one file's tensors at a time
-        load_weights(model, sources, folder, lazy)
-    return model, _load_tokenizer(folder)
+    tokenizer = _load_tokenizer(folder)  # cheap, so a missing one is reported first
+    if detect_format(folder) == "meta":
+        return _load_meta(folder, lazy), tokenizer
+    args, files = read_config(folder), weight_files(folder)
+    model = _build(args, _quantized_paths(files), folder / "config.json")
+    sources = ((f, _mx_load(f)) for f in files)  # one file's tensors at a time
+    load_weights(model, sources, folder, lazy)
+    return model, tokenizer
 
 
 def _mx_load(path: Path) -> dict[str, mx.array]:
@@ -203,14 +202,14 @@ def _quantized_paths(files: list[Path]) -> set[str]:
     return paths
 
 
-def _build(args: ModelArgs, quantized: set[str]) -> Model:
+def _build(args: ModelArgs, quantized: set[str], config_path: Path) -> Model:
     """A model with random lazy weights (never computed), its quantized layers in place."""
     model = Model(args)
     if quantized:
         q = dict(args.quantization or {})
         if "group_size" not in q or "bits" not in q:
-            raise CheckpointError("config.json: the weights are quantized (found "
-                                  f"'{sorted(quantized)[0]}.scales') but config.json has no "
+            raise CheckpointError(f"{config_path}: the weights are quantized (found "
+                                  f"'{sorted(quantized)[0]}.scales') but there is no "
                                   "'quantization' entry with group_size and bits")
 
         def predicate(path, module):
@@ -267,7 +266,7 @@ def _check_tensor(file, name: str, value: mx.array, want: mx.array | None, args:
     else:
         ok, expect = value.dtype in FLOATS, "float16, bfloat16 or float32"
     if not ok:
-        raise CheckpointError(f"{file}: tensor '{name}' has dtype {value.dtype}, expected {expect}; "
+        raise CheckpointError(f"{file}: tensor '{name}' has dtype {_name(value.dtype)}, expected {expect}; "
                               "re-save the checkpoint with a supported dtype")
     if tuple(value.shape) != tuple(want.shape):
         if (name in ("model.embed_tokens.weight", "lm_head.weight") and value.ndim == 2
@@ -420,11 +419,12 @@ def hf_weights(model: Model) -> dict[str, mx.array]:
     return weights
 
 
+def _name(dtype: mx.Dtype) -> str:
+    return str(dtype).split(".")[-1]  # mlx.core.bfloat16 -> bfloat16
+
+
 def _dtype_name(weights: dict[str, mx.array]) -> str:
-    for v in weights.values():
-        if v.dtype in FLOATS:
-            return str(v.dtype).split(".")[-1]
-    return "float32"
+    return next((_name(v.dtype) for v in weights.values() if v.dtype in FLOATS), "float32")
 
 
 def save(model: Model, tokenizer: Tokenizer | None, path, format: str = "mlx",
@@ -454,16 +454,17 @@ def save(model: Model, tokenizer: Tokenizer | None, path, format: str = "mlx",
         weights = dict(tree_flatten(model.parameters()))
         config = args.to_hf_dict()
         config.pop("quantization", None)
-        if _quantization_config(model):
-            config["quantization"] = _quantization_config(model)
+        quantization = _quantization_config(model)  # read from the layers, not trusted from args
+        if quantization:
+            config["quantization"] = quantization
         if args.rope_traditional:
             config["rope_traditional"] = True
     config["torch_dtype"] = config["dtype"] = _dtype_name(weights)
     if tokenizer is not None:
         config["bos_token_id"], config["eos_token_id"] = tokenizer.bos_id, tokenizer.eos_id
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     except OSError as e:
         raise CheckpointError(f"{path}: cannot write here ({e.strerror}); nothing was changed") from None
