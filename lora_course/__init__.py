@@ -57,4 +57,7 @@ from lora_course.quant import (
 from lora_course.data import DatasetError, DatasetSplits, TokenizedDataset, load_dataset
 from lora_course.docstrings import build_docstring_dataset
 # -- trainer and losses (notebook 10)
+from lora_course.trainer import TrainingArgs, TrainingHistory, evaluate, iterate_batches, loss, train
+from lora_course.losses import js_div_loss, kl_div_loss
 # -- one-call API (notebook 13)
+from lora_course.finetune import FineTuneConfig, FineTuneResult, finetune

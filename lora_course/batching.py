@@ -47,7 +47,10 @@ def iterate_batches(
         )
     if train and batch_size % world_size:
         raise ValueError(f"batch_size={batch_size} must be divisible by the {world_size} processes")
-    lengths = np.array([len(_tokens_and_mask(dataset[i])[0]) for i in range(n)])
+    lengths = getattr(dataset, "lengths", None)  # TokenizedDataset keeps them; no need to read samples
+    if lengths is None:
+        lengths = [len(_tokens_and_mask(dataset[i])[0]) for i in range(n)]
+    lengths = np.asarray(lengths)
     if (lengths > max_seq_length).any():
         warnings.warn(
             f"{int((lengths > max_seq_length).sum())} of {n} examples are longer than "

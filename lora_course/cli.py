@@ -15,6 +15,7 @@ import sys
 # subcommand -> "module:function that registers it"
 _COMMANDS = {
     "info": "lora_course.cli:add_info_command",
+    "train": "lora_course.train_cli:add_train_command",
     "fuse": "lora_course.adapters:add_fuse_command",
     "convert": "lora_course.checkpoint:add_convert_command",
     "generate": "lora_course.generate:add_generate_command",
