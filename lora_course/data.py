@@ -188,8 +188,9 @@ def _field(obj: dict, key: str, path, n, allow_empty=True) -> str:
 def _shape(obj, path, n, text_key: str) -> str:
     if not isinstance(obj, dict):
         raise DatasetError(path, n, f"expected a JSON object, got {type(obj).__name__}")
-    found = [shape for shape, keys in (("chat", ("messages",)), ("completion", ("prompt", "completion")),
-                                       ("text", (text_key,))) if any(k in obj for k in keys)]
+    found = [shape for shape, present in (("chat", "messages" in obj),
+                                          ("completion", "prompt" in obj or "completion" in obj),
+                                          ("text", text_key in obj)) if present]
     if not found:
         raise DatasetError(path, n, f"no {text_key!r}, 'prompt'/'completion' or 'messages' field "
                            f"(keys: {', '.join(map(str, obj)) or 'none'})")
@@ -251,27 +252,28 @@ def _sample(obj, shape: str, path, n, tok: Tokenizer, text_key: str, mask_prompt
 # -- tokenizing -----------------------------------------------------------------------------
 
 def _tokenize(samples: list[_Sample], tok: Tokenizer, mask_prompt: bool, add_eos: bool):
-    """(ids, mask or None) per sample; plain texts go through SentencePiece as one batch."""
-    plain = [i for i, s in enumerate(samples) if not s.chat and not (mask_prompt and s.spans)]
+    """(ids, mask or None) per sample. Texts go through SentencePiece in batches (it
+    threads them); masked or templated ones also get byte offsets."""
     out: list = [None] * len(samples)
+    plain = [i for i, s in enumerate(samples) if not s.chat and not (mask_prompt and s.spans)]
     for i, ids in zip(plain, tok.encode_batch([samples[i].text for i in plain], eos=add_eos)):
         out[i] = (ids, None)
     eos = tok.eos_id
-    for i, s in enumerate(samples):
-        if out[i] is not None:
-            continue
-        ids, starts, ends = tok.encode_with_offsets(s.text, bos=True, special=s.chat)
-        mask = None
-        if mask_prompt and s.spans:
-            on = np.zeros(len(ids), dtype=bool)
-            for a, b in s.spans:  # token j carries loss if its bytes overlap a target span
-                a, b = len(s.text[:a].encode("utf-8")), len(s.text[:b].encode("utf-8"))
-                on |= (ends > a) & (starts < b)
-            mask = on.astype(np.uint8).tolist()
-        if add_eos and eos is not None and ids[-1] != eos:
-            ids = ids + [eos]
-            mask = None if mask is None else mask + [int(s.ends_with_target)]
-        out[i] = (ids, mask)
+    for special in (False, True):
+        rows = [i for i, s in enumerate(samples) if out[i] is None and s.chat == special]
+        encoded = tok.encode_batch_with_offsets([samples[i].text for i in rows], special=special)
+        for i, (ids, starts, ends) in zip(rows, encoded):
+            s, mask = samples[i], None
+            if mask_prompt and s.spans:
+                on = np.zeros(len(ids), dtype=bool)
+                for a, b in s.spans:  # token j carries loss if its bytes overlap a target span
+                    a, b = len(s.text[:a].encode("utf-8")), len(s.text[:b].encode("utf-8"))
+                    on |= (ends > a) & (starts < b)
+                mask = on.astype(np.uint8).tolist()
+            if add_eos and eos is not None and ids[-1] != eos:
+                ids.append(eos)
+                mask = None if mask is None else mask + [int(s.ends_with_target)]
+            out[i] = (ids, mask)
     return out
 
 

@@ -105,6 +105,12 @@ class Tokenizer:
                 "the checkpoint, or make one with lora_course.train_tokenizer"
             ) from None
         self._proto = proto
+        # The special ids, read once: each call into SentencePiece costs microseconds.
+        sp = self._sp
+        self._bos = sp.bos_id() if sp.bos_id() >= 0 else None
+        self._eos = sp.eos_id() if sp.eos_id() >= 0 else None
+        self._pad = next((i for i in (sp.pad_id(), sp.eos_id()) if i >= 0), 0)
+        self._unk = sp.unk_id()
         self._table: list[bytes] | None = None  # bytes per id, built on first use
         self._lengths: np.ndarray | None = None
         # SentencePiece may prepend a "dummy" space to every text; decode removes it again.
@@ -123,29 +129,26 @@ class Tokenizer:
 
     @property
     def bos_id(self) -> int | None:
-        return self._sp.bos_id() if self._sp.bos_id() >= 0 else None
+        return self._bos
 
     @property
     def eos_id(self) -> int | None:
-        return self._sp.eos_id() if self._sp.eos_id() >= 0 else None
+        return self._eos
 
     @property
     def pad_id(self) -> int:
         """The pad piece, or eos when the model has none (as Llama), or 0."""
-        for i in (self._sp.pad_id(), self._sp.eos_id()):
-            if i >= 0:
-                return i
-        return 0
+        return self._pad
 
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))
 
     # -- text <-> ids
     def _wrap(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
-        if bos and self.bos_id is not None:
-            ids = [self.bos_id, *ids]
-        if eos and self.eos_id is not None:
-            ids = [*ids, self.eos_id]
+        if bos and self._bos is not None:
+            ids.insert(0, self._bos)
+        if eos and self._eos is not None:
+            ids.append(self._eos)
         return ids
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
@@ -153,11 +156,18 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str], bos: bool = True, eos: bool = False) -> list[list[int]]:
         """``encode`` for many texts at once (SentencePiece runs them in C++ threads)."""
-        return [self._wrap(ids, bos, eos) for ids in self._sp.encode(list(texts))]
+        return [self._wrap(ids, bos, eos) for ids in self._many(self._sp.encode, list(texts))]
+
+    @staticmethod
+    def _many(fn, items: list) -> list:
+        # A batch call starts C++ threads (about 50 us), worth it only for many items.
+        return fn(items) if len(items) >= 64 else [fn(x) for x in items]
 
     def decode(self, ids) -> str:
-        """Text for ``ids``; bos/eos/pad (control pieces) decode to nothing."""
-        return self._sp.decode([int(i) for i in ids])
+        """Text for ``ids`` (a list, NumPy or MLX array); bos/eos/pad decode to nothing."""
+        # SentencePiece misreads NumPy integers, so hand it plain ints
+        ids = ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]
+        return self._sp.decode(ids)
 
     def _piece_bytes(self) -> list[bytes]:
         """For every id, the exact bytes it stands for in the middle of a text."""
@@ -186,49 +196,65 @@ class Tokenizer:
         ``text.encode()``; bos/eos cover nothing. With ``special=True`` the bos and eos
         pieces written in the text (``<s>``, ``</s>``, as chat templates do) become their ids.
         """
-        raw = text.encode("utf-8")
-        specials = {self.id_to_piece(i): i for i in (self.bos_id, self.eos_id) if i is not None}
-        parts = [text]
-        if special and specials:
-            parts = re.split("(" + "|".join(map(re.escape, specials)) + ")", text)
-        ids: list[int] = []
-        starts, ends, pos = [], [], 0
-        for k, part in enumerate(parts):
-            size = len(part.encode("utf-8"))
-            if k % 2 == 1:  # a special piece, matched by re.split's group
-                ids.append(specials[part])
-                starts.append(np.array([pos]))
-                ends.append(np.array([pos + size]))
-            elif part:
-                p_ids, p_starts, p_ends = self._offsets(part, raw[pos:pos + size])
-                ids += p_ids
-                starts.append(p_starts + pos)
-                ends.append(p_ends + pos)
-            pos += size
-        starts = np.concatenate(starts) if starts else np.zeros(0, np.int64)
-        ends = np.concatenate(ends) if ends else np.zeros(0, np.int64)
-        if bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
-            ids, starts, ends = [self.bos_id, *ids], np.r_[0, starts], np.r_[0, ends]
-        if eos and self.eos_id is not None:
-            ids, starts, ends = [*ids, self.eos_id], np.r_[starts, len(raw)], np.r_[ends, len(raw)]
-        return ids, starts.astype(np.int64), ends.astype(np.int64)
+        return self.encode_batch_with_offsets([text], bos, eos, special)[0]
 
-    def _offsets(self, text: str, raw: bytes) -> tuple[list[int], np.ndarray, np.ndarray]:
-        ids = self._sp.encode(text)
+    def encode_batch_with_offsets(self, texts: list[str], bos: bool = True, eos: bool = False,
+                                  special: bool = False) -> list[tuple[list[int], np.ndarray, np.ndarray]]:
+        """``encode_with_offsets`` for many texts, encoded in one threaded SentencePiece call."""
+        specials = {self.id_to_piece(i): i for i in (self._bos, self._eos) if i is not None}
+        split = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if special and specials else None
+        texts_parts = [split.split(t) if split else [t] for t in texts]  # even: text, odd: special
+        encoded = iter(self._offsets_batch([p for parts in texts_parts for p in parts[::2] if p]))
+        out = []
+        for parts in texts_parts:
+            ids, starts, ends, pos = [], [], [], 0
+            for k, part in enumerate(parts):
+                size = len(part.encode("utf-8"))
+                if k % 2:  # a special piece
+                    ids.append(specials[part])
+                    starts.append(np.array([pos]))
+                    ends.append(np.array([pos + size]))
+                elif part:
+                    p_ids, p_starts, p_ends = next(encoded)
+                    ids = p_ids if not ids else ids + p_ids
+                    starts.append(p_starts + pos)
+                    ends.append(p_ends + pos)
+                pos += size
+            if bos and self._bos is not None and (not ids or ids[0] != self._bos):
+                ids.insert(0, self._bos)
+                starts.insert(0, np.zeros(1, np.int64))
+                ends.insert(0, np.zeros(1, np.int64))
+            if eos and self._eos is not None:
+                ids.append(self._eos)
+                starts.append(np.array([pos]))
+                ends.append(np.array([pos]))
+            empty = np.zeros(0, np.int64)
+            out.append((ids, np.concatenate(starts or [empty]).astype(np.int64),
+                        np.concatenate(ends or [empty]).astype(np.int64)))
+        return out
+
+    def _offsets_batch(self, texts: list[str]) -> list[tuple[list[int], np.ndarray, np.ndarray]]:
+        if not texts:
+            return []
         if self._lengths is None:
             self._lengths = np.array([len(b) for b in self._piece_bytes()], dtype=np.int64)
-        lengths = self._lengths[np.asarray(ids, dtype=np.int64)]  # (n,) bytes per piece
-        if self._dummy_prefix and ids and self._piece_bytes()[ids[0]].startswith(b" "):
-            lengths[0] -= 1
-        # Fast path: when decoding gives the text back (identity normalization, no unk),
-        # every piece is exactly its own slice of the text, so lengths give the offsets.
-        if int(lengths.sum()) == len(raw) and self._sp.unk_id() not in ids and self.decode(ids) == text:
-            ends = np.cumsum(lengths)
-            return ids, ends - lengths, ends
-        # normalizing models (or unk pieces): ask SentencePiece for the spans
-        proto = self._sp.encode(text, return_type="proto")
-        return ([p.id for p in proto.pieces], np.array([p.begin for p in proto.pieces], np.int64),
-                np.array([p.end for p in proto.pieces], np.int64))
+        table = self._piece_bytes()
+        all_ids = self._many(self._sp.encode, texts)
+        out = []
+        for text, ids, back in zip(texts, all_ids, self._many(self._sp.decode, all_ids)):
+            lengths = self._lengths[ids]  # (n,) bytes per piece
+            if self._dummy_prefix and ids and table[ids[0]].startswith(b" "):
+                lengths[0] -= 1
+            # Fast path: when decoding gives the text back (identity normalization, no
+            # unk), every piece is exactly its own slice of the text.
+            if back == text and self._unk not in ids and int(lengths.sum()) == len(text.encode("utf-8")):
+                ends = np.cumsum(lengths)
+                out.append((ids, ends - lengths, ends))
+            else:  # normalizing models, unk pieces: ask SentencePiece for the spans
+                proto = self._sp.encode(text, return_type="proto")
+                out.append(([p.id for p in proto.pieces], np.array([p.begin for p in proto.pieces], np.int64),
+                            np.array([p.end for p in proto.pieces], np.int64)))
+        return out
 
     # -- chat
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
