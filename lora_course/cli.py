@@ -21,6 +21,7 @@ _COMMANDS = {
     "generate": "lora_course.generate:add_generate_command",
     "dataset": "lora_course.docstrings:add_dataset_command",
     "pretrain": "lora_course.pretrain:add_pretrain_command",
+    "quickstart": "lora_course.quickstart:add_quickstart_command",
 }
 
 
