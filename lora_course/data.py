@@ -46,6 +46,11 @@ ROLES = ("system", "user", "assistant")
 SPLITS = ("train", "valid", "test")
 
 
+def _short(text: str, limit: int = 60) -> str:
+    """``text`` cut to ``limit`` characters: a 10 MB bad value must not become the message."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
 class DatasetError(ValueError):
     """Bad training data; ``.path`` and ``.line`` say where (line 0: the whole file)."""
 
@@ -143,7 +148,7 @@ def _csv_texts(path: Path, column: str) -> Iterator[tuple[int, str]]:
         except StopIteration:
             raise DatasetError(path, 0, "empty file; expected a header row") from None
         if column not in header:
-            raise DatasetError(path, 1, f"no column {column!r} (columns: {', '.join(header)}); "
+            raise DatasetError(path, 1, f"no column {column!r} (columns: {_short(', '.join(header))}); "
                                "pass text_column= to choose one")
         col, start = header.index(column), reader.line_num + 1
         for row in reader:
@@ -193,7 +198,7 @@ def _shape(obj, path, n, text_key: str) -> str:
                                           ("text", text_key in obj)) if present]
     if not found:
         raise DatasetError(path, n, f"no {text_key!r}, 'prompt'/'completion' or 'messages' field "
-                           f"(keys: {', '.join(map(str, obj)) or 'none'})")
+                           f"(keys: {_short(', '.join(map(str, obj)) or 'none')})")
     if len(found) > 1:
         raise DatasetError(path, n, f"ambiguous record: has {' and '.join(found)} fields; keep one")
     return found[0]
@@ -236,7 +241,7 @@ def _sample(obj, shape: str, path, n, tok: Tokenizer, text_key: str, mask_prompt
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise DatasetError(path, n, f"messages[{k}] must be an object with 'role' and 'content'")
         if m["role"] not in ROLES:
-            raise DatasetError(path, n, f"messages[{k}] has unknown role {m['role']!r}; "
+            raise DatasetError(path, n, f"messages[{k}] has unknown role {_short(repr(m['role']))}; "
                                f"use one of {', '.join(ROLES)}")
         _field(m, "content", path, n)
     if mask_prompt and not any(m["role"] == "assistant" for m in messages):
