@@ -43,7 +43,6 @@ keeping float weights alive; on other devices it runs MLX's fused ``quantized_ma
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -228,8 +227,9 @@ def dequantize(
 # only the packed weight stays in memory: QLoRA's saving is kept.
 
 
-@functools.lru_cache(maxsize=None)
-def _dequant_matmul_fn(group_size: int, bits: int):
+def make_dequant_matmul(group_size: int, bits: int):
+    """Build ``f(x, w_q, scales, biases) = x @ dequantize(w_q).T`` with its own backward."""
+
     # float32 throughout: CPU matmuls in float16 / bfloat16 are ~15x slower than in float32.
     def dense(w_q, scales, biases):  # (out, in)
         w = mx.dequantize(w_q, scales, biases, group_size=group_size, bits=bits)
@@ -251,6 +251,9 @@ def _dequant_matmul_fn(group_size: int, bits: int):
     return matmul
 
 
+_DEQUANT_MATMULS: dict = {}  # (group_size, bits) -> the function above, built once each
+
+
 def dequant_matmul(
     x: mx.array, w_q: mx.array, scales: mx.array, biases: mx.array, group_size: int = 64, bits: int = 4
 ) -> mx.array:
@@ -260,7 +263,10 @@ def dequant_matmul(
     biases, transpose=True, group_size=group_size, bits=bits)``, and its gradient
     with respect to ``x`` likewise.
     """
-    return _dequant_matmul_fn(group_size, bits)(x, w_q, scales, biases)
+    key = (group_size, bits)
+    if key not in _DEQUANT_MATMULS:
+        _DEQUANT_MATMULS[key] = make_dequant_matmul(group_size, bits)
+    return _DEQUANT_MATMULS[key](x, w_q, scales, biases)
 
 
 def _dequant_path(layer: nn.Module) -> bool:
