@@ -16,8 +16,8 @@ Hugging Face PEFT stores LoRA differently (``adapter_model.safetensors``, tensor
 :func:`convert_peft_adapter` rewrites it in our format.
 
 Loading never runs code from the files (JSON and safetensors only) and never follows
-a path named inside a config. Saving is atomic: each file is written beside its final
-name, flushed, then renamed into place. Taught in notebook 06.
+a path named inside a config. Saving is atomic: both files are written beside their final
+names and flushed, and only then renamed into place. Taught in notebook 06.
 """
 
 from __future__ import annotations
@@ -68,18 +68,24 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _atomic(target: Path, write) -> None:
-    """Run ``write(tmp_path)`` on a temp file beside ``target``, flush it, rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=target.suffix)
-    os.close(fd)
+def _atomic(*files) -> None:
+    """Write each ``(target, write)`` pair as ``write(tmp_path)`` on a temp file beside its
+    target and flush it; only when every file is written are they renamed into place."""
+    staged = []
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        for target, write in files:
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=target.suffix)
+            os.close(fd)
+            staged.append((tmp, target))
+            write(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        for tmp, target in staged:
+            os.replace(tmp, target)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         raise
 
 
@@ -110,13 +116,13 @@ def save_adapters(model: nn.Module, path, config=None) -> Path:
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        # Weights first, config second: a crash in between leaves the old pair's config,
-        # which still describes the new weights (same layers, same shapes).
-        _atomic(path / ADAPTER_WEIGHTS, lambda tmp: mx.save_safetensors(tmp, weights))
-        _atomic(path / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        # Both files are written before either replaces the old pair, so a full disk
+        # leaves the old pair whole. (mx.save_safetensors reports write errors as RuntimeError.)
+        _atomic((path / ADAPTER_WEIGHTS, lambda tmp: mx.save_safetensors(tmp, weights)),
+                (path / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(text, encoding="utf-8")))
         _fsync_dir(path)
-    except OSError as e:
-        raise AdapterError(f"{path}: cannot write adapters ({e.strerror or e}); "
+    except (OSError, RuntimeError) as e:
+        raise AdapterError(f"{path}: cannot write adapters ({getattr(e, 'strerror', None) or e}); "
                            "any previous adapters there are unchanged") from None
     return path
 
@@ -323,10 +329,10 @@ def convert_peft_adapter(peft_dir, out_dir) -> Path:
     text = json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n"
     try:
         out.mkdir(parents=True, exist_ok=True)
-        _atomic(out / ADAPTER_WEIGHTS, lambda tmp: mx.save_safetensors(tmp, tensors))
-        _atomic(out / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-    except OSError as e:
-        raise AdapterError(f"{out}: cannot write adapters ({e.strerror or e})") from None
+        _atomic((out / ADAPTER_WEIGHTS, lambda tmp: mx.save_safetensors(tmp, tensors)),
+                (out / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(text, encoding="utf-8")))
+    except (OSError, RuntimeError) as e:
+        raise AdapterError(f"{out}: cannot write adapters ({getattr(e, 'strerror', None) or e})") from None
     return out
 
 
