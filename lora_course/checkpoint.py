@@ -476,9 +476,10 @@ def save(model: Model, tokenizer: Tokenizer | None, path, format: str = "mlx",
             tokenizer.save(tmp)
         _fsync(tmp)
         _replace_dir(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # mx.save_safetensors reports a full disk as RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"{path}: writing the checkpoint failed ({e.strerror or e}); "
+        why = getattr(e, "strerror", None) or e
+        raise CheckpointError(f"{path}: writing the checkpoint failed ({why}); "
                               "the previous contents are unchanged") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
