@@ -106,9 +106,11 @@ def check_writable(directory) -> Path:
     try:
         directory.mkdir(parents=True, exist_ok=True)
         probe = _tmp_name(directory / "write-probe")
-        with open(probe, "wb") as f:
-            f.write(b"ok")
-        probe.unlink()
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"ok")
+        finally:  # a full disk creates the file, then fails the write: leave nothing behind
+            probe.unlink(missing_ok=True)
     except OSError as e:
         raise CheckpointWriteError(
             f"adapter path {str(directory)!r} is not writable ({e.strerror or e}); "
