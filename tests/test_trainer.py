@@ -468,3 +468,21 @@ def test_training_state_file_holds_everything_for_resume(tmp_path):
     assert meta["step"] == 8 and meta["micro_batches"] == 8 and meta["args"]["learning_rate"] == 1e-2
     assert int(opt_state["step"].item()) == 8 and set(params) == set(ckpt.trainable_arrays(make_model()))
     assert json.loads((tmp_path / "adapter_config.json").read_text())["fine_tune_type"] == "lora"
+
+
+def test_live_plot_and_plot_history(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from lora_course.callbacks import LivePlot, plot_history
+
+    live = LivePlot("run")
+    hist = train(make_model(), make_data(8), make_data(4, seed=1),
+                 quiet(steps_per_report=2, steps_per_eval=4, val_batches=-1, adapter_path=str(tmp_path)),
+                 callbacks=[live], progress=False, verbose=False)
+    assert live.train_steps == [2, 4, 6, 8] and live.val_steps == [0, 4, 8]
+    assert live.val_losses == [e["val_loss"] for e in hist.evals]
+    lines = live.figure().axes[0].get_lines()
+    assert [len(line.get_xdata()) for line in lines] == [4, 3]
+    lines = plot_history(hist).axes[0].get_lines()
+    assert list(lines[0].get_xdata()) == list(range(1, 9)) and list(lines[0].get_ydata()) == hist.losses
