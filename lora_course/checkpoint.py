@@ -25,6 +25,7 @@ Taught in notebook 04 (checkpoints, tokenizers and sampling).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -48,6 +49,11 @@ SUPPORTED_TYPES = ("llama", "mistral")
 REQUIRED_HF = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
                "intermediate_size", "vocab_size")
 REQUIRED_META = ("dim", "n_layers", "n_heads")
+# Optional keys (HF and Meta spellings) and what they must hold when present and not null.
+OPTIONAL = {"num_key_value_heads": "int", "n_kv_heads": "int", "head_dim": "int",
+            "max_position_embeddings": "int", "rms_norm_eps": "float", "norm_eps": "float",
+            "rope_theta": "float", "tie_word_embeddings": "bool", "attention_bias": "bool",
+            "mlp_bias": "bool", "rope_scaling": "dict", "rope_parameters": "dict"}
 IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$|^rope\.freqs$")  # recomputed, not learned
 # What save() writes; it replaces an existing directory only if it holds nothing else.
 CHECKPOINT_FILES = re.compile(
@@ -133,10 +139,41 @@ def read_config(folder: Path) -> ModelArgs:
                                   "(Llama and Mistral use 'silu')")
     elif "sliding_window" in config:
         config.setdefault("model_type", "mistral")
+    _check_optional(path, config)
+    dim, heads = (config["hidden_size"], config["num_attention_heads"]) if fmt == "hf" else (
+        config["dim"], config["n_heads"])
+    head_dim = config.get("head_dim") or dim // heads
+    if head_dim < 2 or head_dim % 2:  # RoPE rotates pairs of features
+        source = "key 'head_dim'" if config.get("head_dim") else f"{dim} / {heads} heads"
+        raise CheckpointError(f"{path}: attention heads would be {head_dim} wide ({source}); "
+                              "RoPE needs an even head width of at least 2")
     try:
         return ModelArgs.from_dict(config)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: {e}") from None
+
+
+def _check_optional(path: Path, config: dict) -> None:
+    """Wrong types in optional keys fail here, naming the key, not deep inside the model."""
+    wants = {"int": "a positive integer", "float": "a positive number", "bool": "true or false",
+             "dict": "an object (or null)"}
+    for key, kind in OPTIONAL.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = {"int": number and isinstance(value, int) and value > 0,
+              "float": number and math.isfinite(value) and value > 0,
+              "bool": isinstance(value, bool), "dict": isinstance(value, dict)}[kind]
+        if not ok:
+            raise CheckpointError(f"{path}: key '{key}' must be {wants[kind]}, got {repr(value)[:60]}")
+    scaling = config.get("rope_scaling") or {}
+    factor = scaling.get("factor")
+    if scaling.get("type", scaling.get("rope_type")) == "linear" and not (
+            isinstance(factor, (int, float)) and not isinstance(factor, bool) and math.isfinite(factor)
+            and factor > 0):
+        raise CheckpointError(f"{path}: key 'rope_scaling' of type linear needs a positive 'factor', "
+                              f"got {repr(factor)[:60]}")
 
 
 def weight_files(folder: Path) -> list[Path]:
