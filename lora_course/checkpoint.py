@@ -215,11 +215,16 @@ def load(path=None, lazy: bool = True) -> tuple[Model, Tokenizer]:
     folder = resolve(path)
     tokenizer = _load_tokenizer(folder)  # cheap, so a missing one is reported first
     if detect_format(folder) == "meta":
-        return _load_meta(folder, lazy), tokenizer
-    args, files = read_config(folder), weight_files(folder)
-    model = _build(args, _quantized_paths(files), folder / "config.json")
-    sources = ((f, _mx_load(f)) for f in files)  # one file's tensors at a time
-    load_weights(model, sources, folder, lazy)
+        model = _load_meta(folder, lazy)
+    else:
+        args, files = read_config(folder), weight_files(folder)
+        model = _build(args, _quantized_paths(files), folder / "config.json")
+        sources = ((f, _mx_load(f)) for f in files)  # one file's tensors at a time
+        load_weights(model, sources, folder, lazy)
+    if tokenizer.vocab_size > model.args.vocab_size:  # its ids would index past the embedding
+        raise CheckpointError(f"{folder / 'tokenizer.model'}: has {tokenizer.vocab_size} pieces but the "
+                              f"model's vocab_size is {model.args.vocab_size}; this tokenizer belongs to "
+                              "another model")
     return model, tokenizer
 
 
