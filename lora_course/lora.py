@@ -57,10 +57,12 @@ def dense_weight(layer: nn.Module) -> mx.array:
 
 
 def quantize_like(linear: nn.Linear, like: nn.Module) -> nn.Module:
-    """Quantize ``linear`` with the group size, bits and mode of the quantized layer ``like``."""
-    return nn.QuantizedLinear.from_linear(
-        linear, group_size=like.group_size, bits=like.bits, mode=getattr(like, "mode", "affine")
-    )
+    """Quantize ``linear`` like the quantized layer ``like``: same class, group size, bits, mode."""
+    kw = dict(group_size=like.group_size, bits=like.bits, mode=getattr(like, "mode", "affine"))
+    try:  # keep a subclass such as quant.DequantLinear (the fast CPU path)
+        return type(like).from_linear(linear, **kw)
+    except TypeError:  # a subclass whose constructor differs: MLX's own class will do
+        return nn.QuantizedLinear.from_linear(linear, **kw)
 
 
 def lora_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:

@@ -286,3 +286,19 @@ def test_lora_config_reads_mlx_lm_format():
     assert (cfg.rank, cfg.alpha, cfg.scale, cfg.dropout, cfg.keys) == (8, 160.0, 20.0, 0.1, None)
     back = LoRAConfig.from_dict(LoRAConfig("dora", 2, ["self_attn.q_proj"], 16, 8.0, 0.0, True).to_dict())
     assert back == LoRAConfig("dora", 2, ["self_attn.q_proj"], 16, 8.0, 0.0, True)
+
+
+def test_fuse_keeps_the_quantized_layer_class():
+    from lora_course.quant import DequantLinear, quantize_model
+
+    mx.random.seed(0)
+    model = nn.Sequential(nn.Linear(64, 64))
+    model.layers = [nn.Linear(64, 64)]  # a "block" list, as apply_lora expects model.layers
+    quantize_model(model, group_size=32, bits=4, predicate=lambda p, m: True)
+    assert type(model.layers[0]) is DequantLinear
+    layer = randomize(LoRALinear.from_linear(model.layers[0], rank=4))
+    fused = layer.fuse()
+    assert type(fused) is DequantLinear and (fused.group_size, fused.bits) == (32, 4)
+    requant = nn.QuantizedLinear.from_linear(layer.fuse(de_quantize=True), 32, 4)
+    assert mx.array_equal(fused.weight, requant.weight).item()
+    assert max_err(fused(X), requant(X)) <= 1e-4  # DequantLinear's BLAS path == MLX's kernel
