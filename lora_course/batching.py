@@ -28,6 +28,7 @@ def _tokens_and_mask(item):
 def iterate_batches(
     dataset, batch_size: int, max_seq_length: int = 2048, train: bool = False, seed: int = 0,
     epoch: int = 0, start: int = 0, rank: int = 0, world_size: int = 1, pad_multiple: int = 8,
+    shuffle: bool | None = None, limit: int | None = None,
 ):
     """Yield ``(inputs, targets, mask)`` batches, each ``(B, L)``, from a tokenized dataset.
 
@@ -36,8 +37,11 @@ def iterate_batches(
     which bounds how many shapes ``mx.compile`` sees). With ``train=True`` the batch
     order is shuffled and the ``len % batch_size`` left-over examples are dropped, both
     drawn from ``(seed, epoch)`` alone: epoch e is the same wherever it is replayed,
-    which is what exact resume needs. ``start`` skips that many batches; ``rank`` and
-    ``world_size`` select this process's rows of each batch.
+    which is what exact resume needs. Without ``train`` every example is kept and the
+    order is by length, unless ``shuffle`` (then a subset of batches is a fair sample of
+    lengths, which is how ``evaluate`` takes ``val_batches`` of them). ``start`` skips
+    that many batches and ``limit`` stops after that many; ``rank`` and ``world_size``
+    select this process's rows of each batch.
     """
     n = len(dataset)
     if train and batch_size > n:
@@ -64,7 +68,10 @@ def iterate_batches(
     else:
         order = np.argsort(lengths, kind="stable")
         batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
-    for rows in batches[start:]:
+        if shuffle:
+            batches = [batches[i] for i in np.random.default_rng([seed, epoch]).permutation(len(batches))]
+    stop = None if limit is None else start + limit
+    for rows in batches[start:stop]:
         mine = np.array_split(rows, world_size)[rank]
         if len(mine):
             yield _collate([_tokens_and_mask(dataset[int(i)]) for i in mine], max_seq_length, pad_multiple)

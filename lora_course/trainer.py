@@ -1,4 +1,4 @@
-"""The training loop: loss, batching, evaluation and ``train``.
+"""The training loop: the loss, evaluation and ``train`` (batches come from batching.py).
 
 Fine-tuning is ordinary next-token training (Radford et al., 2018) restricted to
 the parameters left trainable (LoRA's ``lora_a``/``lora_b``, Hu et al., 2021). One
@@ -123,17 +123,20 @@ def evaluate(
     model: nn.Module, dataset, batch_size: int, num_batches: int = -1, max_seq_length: int = 2048,
     loss_fn: Callable = loss,
 ) -> tuple[float, float]:
-    """Token-weighted mean loss over ``num_batches`` batches (-1: all) -> (loss, perplexity)."""
+    """Token-weighted mean loss over ``num_batches`` batches (-1: all) -> (loss, perplexity).
+
+    The batches come in a fixed shuffled order (seed 0), so the first ``num_batches`` are a
+    fair sample of lengths rather than the shortest examples, and the same ones every time.
+    """
     if dataset is None or len(dataset) == 0:
         raise ValueError("evaluate: the dataset is empty")
     world = mx.distributed.init()
     was_training = model.training
     model.eval()
     total, ntoks = mx.array(0.0), mx.array(0.0)
-    batches = iterate_batches(dataset, batch_size, max_seq_length, rank=world.rank(), world_size=world.size())
-    for i, batch in enumerate(batches):
-        if 0 <= num_batches <= i:
-            break
+    batches = iterate_batches(dataset, batch_size, max_seq_length, shuffle=True, rank=world.rank(),
+                              world_size=world.size(), limit=None if num_batches < 0 else num_batches)
+    for batch in batches:
         value, n = loss_fn(model, *batch)
         total, ntoks = total + value * n, ntoks + n
         mx.eval(total, ntoks)

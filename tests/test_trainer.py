@@ -486,3 +486,18 @@ def test_live_plot_and_plot_history(tmp_path):
     assert [len(line.get_xdata()) for line in lines] == [4, 3]
     lines = plot_history(hist).axes[0].get_lines()
     assert list(lines[0].get_xdata()) == list(range(1, 9)) and list(lines[0].get_ydata()) == hist.losses
+
+
+def test_eval_shuffle_and_limit_pick_a_fixed_fair_subset():
+    data = make_data(40)
+    sorted_first = [np.array(b[2]).sum() for b in iterate_batches(data, 4, 2048, limit=3)]
+    shuffled = [np.array(b[2]).sum() for b in iterate_batches(data, 4, 2048, shuffle=True, limit=3)]
+    every = [np.array(b[2]).sum() for b in iterate_batches(data, 4, 2048, shuffle=True)]
+    assert len(sorted_first) == len(shuffled) == 3 and len(every) == 10
+    assert shuffled == every[:3] and sorted(every) != every  # a fixed, unsorted order
+    assert sum(sorted_first) < sum(shuffled)  # the first sorted batches hold the shortest examples
+    model = make_model()
+    assert evaluate(model, data, 4, 3) == evaluate(model, data, 4, 3)
+    full = evaluate(model, data, 4, -1)[0]
+    ref = sum(loss(model, *b)[0].item() * loss(model, *b)[1].item() for b in iterate_batches(data, 4, 2048))
+    assert full == pytest.approx(ref / sum(len(t) - 1 for t, _ in data), rel=1e-5)
