@@ -1,0 +1,130 @@
+"""exp, sigmoid, SiLU, softmax and cross-entropy that run fast on MLX's Linux x86 CPU build.
+
+The ``mlx[cpu]`` wheel for Linux x86-64 is compiled for the baseline instruction set,
+so ``mx.exp`` runs its polynomial one element at a time and each of its six fused
+multiply-adds is a call into libm. Measured on one core of our 2-core machine: about
+10 ns per element, 20x slower than numpy's exp. Every softmax, ``logsumexp`` (the
+cross-entropy over the vocabulary) and sigmoid (SiLU in the feed-forward) pays it;
+in a small LoRA training step these took a third of the time.
+
+libm's ``powf`` is fast, and MLX's ``mx.power`` calls it. Since
+
+    e**x = 2**(x * log2(e))
+
+``mx.power(2.0, x * LOG2E)`` is exp at about 3x the speed, and MLX fuses it with the
+surrounding element-wise ops under ``mx.compile``. Its accuracy is MLX's own: ``mx.exp``
+multiplies by log2(e) in float32 too (max relative difference ~1e-7, tested), and
+``2**-inf = 0``, ``2**inf = inf`` and NaN behave like exp. The functions below build
+softmax, logsumexp, sigmoid, SiLU, cross-entropy and attention on it. Their gradients
+come from ordinary autodiff, which reuses the forward's powers instead of
+recomputing exponentials.
+
+The fast path is used only where it is faster: the CPU device on Linux x86-64. On
+macOS (Accelerate / NEON) and on GPUs each function is the MLX op it replaces, which
+is also its plain reference (``tests/test_fastmath.py`` checks the two agree). Set
+``LORA_COURSE_FAST_MATH=0`` to turn it off, ``=1`` to force it on.
+Measured in ``benchmarks/`` (see its README); not yet taught in a notebook (notebook 11,
+on making training go faster, is its natural home).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+
+LOG2E = 1.4426950408889634  # log2(e) = 1 / ln(2)
+ENV = "LORA_COURSE_FAST_MATH"
+_X86_LINUX = sys.platform.startswith("linux") and platform.machine().lower() in ("x86_64", "amd64")
+
+
+def enabled() -> bool:
+    """True where the pow-based path is the faster one (CPU device, Linux x86-64)."""
+    flag = os.environ.get(ENV, "")
+    if flag in ("0", "1"):
+        return flag == "1"
+    return _X86_LINUX and mx.default_device() == mx.cpu
+
+
+def _f32(x: mx.array) -> mx.array:
+    # Half-precision inputs are computed in float32, as MLX's own kernels do.
+    return x if x.dtype == mx.float32 else x.astype(mx.float32)
+
+
+def exp(x: mx.array) -> mx.array:
+    """e**x, computed as 2**(x * log2 e) on the fast path."""
+    if not enabled():
+        return mx.exp(x)
+    return mx.power(2.0, _f32(x) * LOG2E).astype(x.dtype)
+
+
+def sigmoid(x: mx.array) -> mx.array:
+    """1 / (1 + e**-x)."""
+    if not enabled():
+        return mx.sigmoid(x)
+    return (1.0 / (1.0 + mx.power(2.0, _f32(x) * -LOG2E))).astype(x.dtype)
+
+
+def silu(x: mx.array) -> mx.array:
+    """x * sigmoid(x), the gate of a SwiGLU feed-forward."""
+    if not enabled():
+        return nn.silu(x)
+    x32 = _f32(x)
+    return (x32 / (1.0 + mx.power(2.0, x32 * -LOG2E))).astype(x.dtype)
+
+
+def softmax(x: mx.array, axis: int = -1) -> mx.array:
+    """e**x / sum(e**x) along ``axis``, shifted by the max so nothing overflows."""
+    if not enabled():
+        return mx.softmax(x, axis=axis, precise=True)
+    x32 = _f32(x)
+    # The shift changes nothing mathematically, so no gradient needs to flow through it.
+    e = exp(x32 - mx.stop_gradient(mx.max(x32, axis=axis, keepdims=True)))
+    return (e / mx.sum(e, axis=axis, keepdims=True)).astype(x.dtype)
+
+
+def logsumexp(x: mx.array, axis: int = -1, keepdims: bool = False) -> mx.array:
+    """log(sum(e**x)) along ``axis``, computed stably as m + log(sum(e**(x - m)))."""
+    if not enabled():
+        return mx.logsumexp(x, axis=axis, keepdims=keepdims)
+    x32 = _f32(x)
+    m = mx.stop_gradient(mx.max(x32, axis=axis, keepdims=True))
+    out = m + mx.log(mx.sum(exp(x32 - m), axis=axis, keepdims=True))
+    return out if keepdims else out.squeeze(axis)
+
+
+def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
+    """Per-position cross-entropy: logsumexp(logits) - logits[target], in float32.
+
+    logits: (..., V); targets: (...) integer class ids -> (...). Equal to
+    ``nn.losses.cross_entropy(logits, targets)`` (reduction "none").
+    """
+    if not enabled():
+        return nn.losses.cross_entropy(logits.astype(mx.float32), targets)
+    logits = _f32(logits)
+    picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)  # (...)
+    return logsumexp(logits, axis=-1) - picked
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool) -> mx.array:
+    """softmax(q k^T * scale + causal mask) v with grouped-query heads, no K/V copies.
+
+    q: (B, n_heads, Lq, D); k, v: (B, n_kv_heads, Lk, D) -> (B, n_heads, Lq, D).
+    With ``causal``, query i sits at absolute position Lk - Lq + i (a KV cache
+    holds the earlier ones) and sees keys up to it. ``mx.fast.scaled_dot_product_attention``
+    off the fast path.
+    """
+    if not enabled():
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if causal else None)
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    q = (q * scale).reshape(B, Hkv, H // Hkv, Lq, D)  # each K/V head serves H / Hkv query heads
+    scores = q @ k[:, :, None].swapaxes(-1, -2)  # (B, Hkv, H/Hkv, Lq, Lk)
+    if causal:
+        visible = mx.arange(Lk - Lq, Lk)[:, None] >= mx.arange(Lk)[None, :]  # (Lq, Lk)
+        scores = mx.where(visible, scores, -mx.inf)
+    out = softmax(scores, axis=-1).astype(v.dtype) @ v[:, :, None]  # (B, Hkv, H/Hkv, Lq, D)
+    return out.reshape(B, H, Lq, D)

@@ -1,0 +1,124 @@
+"""fastmath: every fast function equals the MLX op it replaces, values and gradients."""
+
+import lora_course  # noqa: F401  (BLAS before mlx)
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from lora_course import fastmath
+
+
+@pytest.fixture
+def fast(monkeypatch):
+    monkeypatch.setenv(fastmath.ENV, "1")
+    assert fastmath.enabled()
+
+
+def rel_err(a, b, floor=1e-6):
+    """Largest |a - b| / max(|b|, floor): relative error, absolute below ``floor``."""
+    a, b = np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))
+    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), floor)))
+
+
+def test_switch(monkeypatch):
+    monkeypatch.setenv(fastmath.ENV, "0")
+    assert not fastmath.enabled()
+    monkeypatch.setenv(fastmath.ENV, "1")
+    assert fastmath.enabled()
+    monkeypatch.delenv(fastmath.ENV)
+    assert fastmath.enabled() == (fastmath._X86_LINUX and mx.default_device() == mx.cpu)
+
+
+def test_exp_matches_mlx(fast):
+    mx.random.seed(0)
+    x = mx.random.normal((64, 300)) * 20
+    assert rel_err(fastmath.exp(x), mx.exp(x)) < 1e-6
+    special = mx.array([0.0, -0.0, -mx.inf, mx.inf, -1e30, 1e30, -87.0, 88.0, -104.0, 1e-8])
+    np.testing.assert_array_equal(np.array(fastmath.exp(special)), np.array(mx.exp(special)))
+    # below -88 MLX flushes to 0; we return the (subnormal) value libm gives
+    assert 0.0 <= fastmath.exp(mx.array([-88.5])).item() < 1e-38
+    assert mx.isnan(fastmath.exp(mx.array([mx.nan]))).item()
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+def test_activations_match_mlx(fast, dtype):
+    mx.random.seed(1)
+    x = (mx.random.normal((8, 96)) * 6).astype(dtype)
+    # Half types are computed in float32 and rounded once: compare with MLX in float32.
+    tol = {mx.float32: 1e-6, mx.float16: 1e-3, mx.bfloat16: 8e-3}[dtype]
+    x32 = x.astype(mx.float32)
+    for got, want in [(fastmath.sigmoid(x), mx.sigmoid(x32)), (fastmath.silu(x), nn.silu(x32)),
+                      (fastmath.softmax(x), mx.softmax(x32, axis=-1))]:
+        assert got.dtype == dtype
+        assert rel_err(got, want, floor=1e-3) < tol
+    assert rel_err(fastmath.logsumexp(x, axis=0), mx.logsumexp(x32, axis=0)) < tol
+    assert fastmath.logsumexp(x, keepdims=True).shape == (8, 1)
+
+
+def test_gradients_match_mlx(fast):
+    mx.random.seed(2)
+    x = mx.random.normal((4, 33)) * 3
+    w = mx.random.normal((4, 33))
+    pairs = [(fastmath.silu, nn.silu), (fastmath.sigmoid, mx.sigmoid),
+             (fastmath.softmax, lambda a: mx.softmax(a, axis=-1)),
+             (lambda a: fastmath.logsumexp(a)[:, None], lambda a: mx.logsumexp(a, axis=-1)[:, None])]
+    for ours, theirs in pairs:
+        g1 = mx.grad(lambda a: (ours(a) * w).sum())(x)
+        g2 = mx.grad(lambda a: (theirs(a) * w).sum())(x)
+        np.testing.assert_allclose(np.array(g1), np.array(g2), rtol=1e-5, atol=1e-6)
+
+
+def test_cross_entropy_matches_mlx(fast):
+    mx.random.seed(3)
+    logits = mx.random.normal((2, 5, 50)) * 4
+    targets = mx.random.randint(0, 50, (2, 5))
+    ours = fastmath.cross_entropy(logits, targets)
+    theirs = nn.losses.cross_entropy(logits, targets)
+    assert ours.shape == (2, 5) and ours.dtype == mx.float32
+    assert rel_err(ours, theirs) < 1e-6
+    g1 = mx.grad(lambda a: fastmath.cross_entropy(a, targets).mean())(logits)
+    g2 = mx.grad(lambda a: nn.losses.cross_entropy(a, targets).mean())(logits)
+    np.testing.assert_allclose(np.array(g1), np.array(g2), rtol=1e-5, atol=1e-7)
+    # huge logits stay finite, -inf logits (a masked vocabulary) carry no probability
+    big = mx.array([[1e4, 0.0, -mx.inf]])
+    np.testing.assert_allclose(np.array(fastmath.cross_entropy(big, mx.array([1]))), [1e4])
+
+
+@pytest.mark.parametrize("heads,kv_heads,q_len,k_len", [(4, 4, 7, 7), (4, 2, 7, 7), (4, 1, 3, 9), (2, 2, 1, 6)])
+def test_attention_matches_fast_sdpa(fast, heads, kv_heads, q_len, k_len):
+    mx.random.seed(4)
+    q = mx.random.normal((2, heads, q_len, 16))
+    k = mx.random.normal((2, kv_heads, k_len, 16))
+    v = mx.random.normal((2, kv_heads, k_len, 16))
+    causal = q_len > 1
+    ours = fastmath.attention(q, k, v, 0.25, causal)
+    theirs = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask="causal" if causal else None)
+    assert ours.shape == theirs.shape
+    np.testing.assert_allclose(np.array(ours), np.array(theirs), rtol=1e-5, atol=1e-5)
+
+    def loss(fn):
+        return lambda q, k, v: (fn(q, k, v) * v.mean()).sum()
+
+    g1 = mx.grad(loss(lambda q, k, v: fastmath.attention(q, k, v, 0.25, causal)), argnums=(0, 1, 2))(q, k, v)
+    g2 = mx.grad(loss(lambda q, k, v: mx.fast.scaled_dot_product_attention(
+        q, k, v, scale=0.25, mask="causal" if causal else None)), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g1, g2):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5)
+
+
+def test_off_path_is_the_mlx_op(monkeypatch):
+    monkeypatch.setenv(fastmath.ENV, "0")
+    x = mx.random.normal((3, 8))
+    np.testing.assert_array_equal(np.array(fastmath.exp(x)), np.array(mx.exp(x)))
+    np.testing.assert_array_equal(np.array(fastmath.silu(x)), np.array(nn.silu(x)))
+    t = mx.array([1, 2, 3])
+    np.testing.assert_array_equal(np.array(fastmath.cross_entropy(x, t)),
+                                  np.array(nn.losses.cross_entropy(x, t)))
+
+
+def test_compiles(fast):
+    x = mx.random.normal((4, 64))
+    f = mx.compile(lambda a: fastmath.softmax(fastmath.silu(a)))
+    assert rel_err(f(x), mx.softmax(nn.silu(x), axis=-1)) < 1e-6
