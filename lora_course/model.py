@@ -24,6 +24,8 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from lora_course import fastmath
+
 
 @dataclass
 class ModelArgs:
@@ -291,9 +293,8 @@ class Attention(nn.Module):
 
         if reference:
             out = attention_reference(q, k, v, self.scale, causal=L > 1)
-        else:
-            mask = "causal" if L > 1 else None
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        else:  # mx.fast's kernel; on Linux x86 CPUs an exp-light equivalent (fastmath.py)
+            out = fastmath.attention(q, k, v, self.scale, causal=L > 1)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)  # (B, L, n_heads * head_dim)
         return self.o_proj(out)
 
@@ -311,7 +312,7 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=args.mlp_bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(fastmath.silu(self.gate_proj(x)) * self.up_proj(x))  # nn.silu, faster on CPU
 
 
 # ----------------------------------------------------------------------------- the model
