@@ -232,8 +232,11 @@ def load_adapters(model: nn.Module, path) -> nn.Module:
         same = ("fine_tune_type", "num_layers", "keys", "rank")
         if any(getattr(have, f) != getattr(cfg, f) for f in same) or not math.isclose(
                 have.scale, cfg.scale, rel_tol=1e-6):
-            raise AdapterError(f"{cfg_file}: the model already has different adapters ({have}); "
-                               "load these into a fresh model")
+            raise AdapterError(
+                f"{cfg_file}: the model already has different adapters ({have.fine_tune_type}, "
+                f"rank {have.rank}, last {have.num_layers} blocks, keys {have.keys}) than this file "
+                f"({cfg.fine_tune_type}, rank {cfg.rank}, last {cfg.num_layers} blocks, keys "
+                f"{cfg.keys}); load it into a fresh model")
 
     expected = dict(tree_flatten(model.trainable_parameters()))
     for name, value in tensors.items():
