@@ -210,6 +210,7 @@ def apply_lora(model: nn.Module, num_layers: int = 16, keys: list[str] | None = 
     """
     from lora_course.dora import DoRALinear
 
+    # Check everything first, so that a bad argument leaves the model untouched.
     if kind not in KINDS:
         raise ValueError(f"apply_lora: kind={kind!r} is not one of {', '.join(KINDS)}")
     if getattr(model, "lora_config", None) is not None:
@@ -218,40 +219,39 @@ def apply_lora(model: nn.Module, num_layers: int = 16, keys: list[str] | None = 
     n = len(model.layers)
     if num_layers == -1:
         num_layers = n
-    if not isinstance(num_layers, int) or num_layers < 1 or num_layers > n:
+    if not isinstance(num_layers, int) or isinstance(num_layers, bool) or not 1 <= num_layers <= n:
         raise ValueError(f"apply_lora: num_layers={num_layers} but the model has {n} layers; "
                          f"use 1..{n}, or -1 for all")
     _check_hyper(rank, alpha, dropout)
     blocks = model.layers[n - num_layers:]
-    model.freeze()
+    if any(isinstance(m, LoRALinear) for b in blocks for _, m in b.named_modules()):
+        raise ValueError("apply_lora: the model already contains LoRA layers; fuse them first")
     if kind == "full":
         if keys is not None:
             raise ValueError("apply_lora: keys select layers for lora/dora; kind='full' trains "
                              "whole blocks, so leave keys=None")
+        if any(is_quantized(m) for b in blocks for _, m in b.named_modules()):
+            raise ValueError("apply_lora: kind='full' needs float weights but the model is "
+                             "quantized; use kind='lora' (QLoRA) or a de-quantized model")
+    else:
+        valid = _linear_paths(blocks[0])
+        keys = valid if keys is None else [keys] if isinstance(keys, str) else list(keys)
+        for key in keys:
+            if key not in valid:
+                raise ValueError(f"apply_lora: key {key!r} is not a linear layer in a block; "
+                                 f"valid keys: {', '.join(valid)}")
+        keys = [k for k in valid if k in set(keys)]  # one canonical order
+
+    model.freeze()
+    if kind == "full":
         for block in blocks:
             block.unfreeze()
-            if any(is_quantized(m) for _, m in block.named_modules()):
-                raise ValueError("apply_lora: kind='full' needs float weights but the model is "
-                                 "quantized; use kind='lora' (QLoRA) or a de-quantized model")
-        model.lora_config = LoRAConfig("full", num_layers, None, rank, alpha, dropout, use_rslora)
-        return model
-
-    valid = _linear_paths(blocks[0])
-    if any(isinstance(m, LoRALinear) for b in blocks for _, m in b.named_modules()):
-        raise ValueError("apply_lora: the model already contains LoRA layers; fuse them first")
-    if keys is None:
-        keys = valid
-    keys = list(keys)
-    for key in keys:
-        if key not in valid:
-            raise ValueError(f"apply_lora: key {key!r} is not a linear layer in a block; "
-                             f"valid keys: {', '.join(valid)}")
-    keys = [k for k in valid if k in set(keys)]  # one canonical order
-    cls = DoRALinear if kind == "dora" else LoRALinear
-    for block in blocks:
-        modules = dict(block.named_modules())
-        wrapped = [(k, cls.from_linear(modules[k], rank, alpha, dropout, use_rslora)) for k in keys]
-        block.update_modules(tree_unflatten(wrapped))
+    else:
+        cls = DoRALinear if kind == "dora" else LoRALinear
+        for block in blocks:
+            modules = dict(block.named_modules())
+            wrapped = [(k, cls.from_linear(modules[k], rank, alpha, dropout, use_rslora)) for k in keys]
+            block.update_modules(tree_unflatten(wrapped))
     model.lora_config = LoRAConfig(kind, num_layers, keys, rank, alpha, dropout, use_rslora)
     return model
 

@@ -302,3 +302,20 @@ def test_fuse_keeps_the_quantized_layer_class():
     requant = nn.QuantizedLinear.from_linear(layer.fuse(de_quantize=True), 32, 4)
     assert mx.array_equal(fused.weight, requant.weight).item()
     assert max_err(fused(X), requant(X)) <= 1e-4  # DequantLinear's BLAS path == MLX's kernel
+
+
+def test_bad_arguments_leave_the_model_untouched(tiny_model):
+    before = trainable_names(tiny_model)
+    for kw in [dict(num_layers=3), dict(num_layers=2, keys=["mlp.nope"]), dict(num_layers=2, rank=0),
+               dict(num_layers=2, kind="full", keys=["mlp.up_proj"])]:
+        with pytest.raises(ValueError):
+            apply_lora(tiny_model, **kw)
+        assert trainable_names(tiny_model) == before and getattr(tiny_model, "lora_config", None) is None
+    apply_lora(tiny_model, num_layers=2, keys="self_attn.q_proj")  # one key as a plain string
+    assert tiny_model.lora_config.keys == ["self_attn.q_proj"]
+
+
+def test_full_fine_tuning_refuses_a_quantized_model(tiny_model):
+    nn.quantize(tiny_model, group_size=32, bits=4)
+    with pytest.raises(ValueError, match="kind='full' needs float weights"):
+        apply_lora(tiny_model, num_layers=1, kind="full")
