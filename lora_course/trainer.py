@@ -35,6 +35,7 @@ from lora_course import checkpointing as ckpt
 from lora_course.adapters import AdapterError
 from lora_course.batching import iterate_batches
 from lora_course.config import ConfigError, checked_fields  # noqa: F401
+from lora_course.fastmath import cross_entropy
 from lora_course.schedules import OPTIMIZERS, SCHEDULES, build_optimizer, build_schedule
 from lora_course.step import enable_grad_checkpoint, make_step
 from lora_course.tree import tree_flatten, tree_unflatten
@@ -111,7 +112,7 @@ def loss(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array):
     mask: (B, L), 0 on padding and on prompt tokens that carry no loss.
     """
     logits = model(inputs).astype(mx.float32)  # (B, L, V), float32 for a stable logsumexp
-    ce = nn.losses.cross_entropy(logits, targets)  # (B, L): logsumexp(logits) - logits[target]
+    ce = cross_entropy(logits, targets)  # (B, L): logsumexp(logits) - logits[target]; fastmath.py
     ntoks = mask.sum()
     return (ce * mask).sum() / mx.maximum(ntoks, 1), ntoks
 
@@ -245,7 +246,8 @@ def train(
         ckpt.restore_training_state(model, optimizer, params, opt_state, src)
         step, micro, trained_tokens = meta["step"], meta["micro_batches"], meta["trained_tokens"]
         hist.best_val_loss, hist.best_step = meta["best_val_loss"], meta["best_step"]
-        bad_evals, best_params, last_good = meta["evals_without_improvement"], best or None, step
+        bad_evals, best_params = meta["evals_without_improvement"], best or None
+        last_good = step if src.resolve() == out.resolve() else None  # else out/ gets one below
         changed = [f"{k} {meta['args'].get(k)!r} -> {getattr(args, k)!r}" for k in _TRAJECTORY_KEYS
                    if meta["args"].get(k) != getattr(args, k)]
         if changed and main:
@@ -329,10 +331,10 @@ def train(
     hist.stop_reason = "nothing to do" if step >= iters else "finished"
     window = dict(loss=0.0, toks=0.0, steps=0, time=0.0)
     try:
-        if step == 0:
-            save_checkpoint(0)
-            if val_set is not None and args.steps_per_eval:
-                run_eval(0)
+        if last_good is None:  # from the first moment, adapter_path holds a complete checkpoint
+            save_checkpoint(step)
+        if step == 0 and val_set is not None and args.steps_per_eval:
+            run_eval(0)
         batches = _batch_stream(train_set, args, micro, rank, size)
         while step < iters:
             tic = time.perf_counter()
