@@ -61,11 +61,18 @@ def exp(x: mx.array) -> mx.array:
     return mx.power(2.0, _f32(x) * LOG2E).astype(x.dtype)
 
 
+def _sigmoid32(x: mx.array) -> mx.array:
+    # Below x = -80, e**-x would overflow float32 and the gradient of 1 / (1 + inf) is
+    # inf / inf = NaN; sigmoid(-80) is already 2e-35, so clamping there changes nothing
+    # visible. One chain of single-use ops, so mx.compile fuses it into one loop.
+    return 1.0 / (1.0 + mx.power(2.0, mx.maximum(x, -80.0) * -LOG2E))
+
+
 def sigmoid(x: mx.array) -> mx.array:
     """1 / (1 + e**-x)."""
     if not enabled():
         return mx.sigmoid(x)
-    return (1.0 / (1.0 + mx.power(2.0, _f32(x) * -LOG2E))).astype(x.dtype)
+    return _sigmoid32(_f32(x)).astype(x.dtype)
 
 
 def silu(x: mx.array) -> mx.array:
@@ -73,7 +80,7 @@ def silu(x: mx.array) -> mx.array:
     if not enabled():
         return nn.silu(x)
     x32 = _f32(x)
-    return (x32 / (1.0 + mx.power(2.0, x32 * -LOG2E))).astype(x.dtype)
+    return (x32 * _sigmoid32(x32)).astype(x.dtype)
 
 
 def softmax(x: mx.array, axis: int = -1) -> mx.array:

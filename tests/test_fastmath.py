@@ -70,6 +70,19 @@ def test_gradients_match_mlx(fast):
         np.testing.assert_allclose(np.array(g1), np.array(g2), rtol=1e-5, atol=1e-6)
 
 
+def test_no_overflow_at_extremes(fast):
+    x = mx.array([-1e4, -200.0, -90.0, -20.0, 0.0, 20.0, 90.0, 200.0, 1e4])
+    for fn, ref in [(fastmath.sigmoid, mx.sigmoid), (fastmath.silu, nn.silu)]:
+        np.testing.assert_allclose(np.array(fn(x)), np.array(ref(x)), rtol=1e-6, atol=1e-30 * 1e4)
+        grad = mx.grad(lambda a: fn(a).sum())(x)
+        assert mx.all(mx.isfinite(grad)).item(), fn.__name__
+    wide = mx.array([[-1e4, 0.0, 1e4], [-mx.inf, 1.0, 2.0]])
+    for fn in (fastmath.softmax, lambda a: fastmath.logsumexp(a)[:, None]):
+        assert mx.all(mx.isfinite(mx.grad(lambda a: (fn(a) * a.shape[-1]).sum())(wide)[:, 1:])).item()
+    ce_grad = mx.grad(lambda a: fastmath.cross_entropy(a, mx.array([0, 2])).sum())(wide)
+    assert mx.all(mx.isfinite(ce_grad[0])).item() and mx.all(mx.isfinite(ce_grad[1, 1:])).item()
+
+
 def test_cross_entropy_matches_mlx(fast):
     mx.random.seed(3)
     logits = mx.random.normal((2, 5, 50)) * 4
