@@ -111,10 +111,12 @@ def test_adapters_trained_by_mlx_lm_load_in_lora_course(hf_dir, tmp_path, kind):
 # ----------------------------------------------------------------------------- (b) us -> mlx-lm
 
 
-@pytest.mark.parametrize("kind,rslora", [("lora", False), ("lora", True), ("dora", False)])
+@pytest.mark.parametrize("kind,rslora", [("lora", False), ("lora", True), ("dora", False), ("full", False)])
 def test_our_adapters_load_in_mlx_lm(hf_dir, tmp_path, kind, rslora):
     ours, _ = lc.load(hf_dir)
-    lc.apply_lora(ours, num_layers=2, keys=KEYS, rank=4, alpha=8.0, kind=kind, use_rslora=rslora)
+    keys = None if kind == "full" else KEYS
+    lc.apply_lora(ours, num_layers=1 if kind == "full" else 2, keys=keys, rank=4, alpha=8.0, kind=kind,
+                  use_rslora=rslora)
     randomize_trainable(ours)
     lc.save_adapters(ours, tmp_path / "ad")
     expected = ours(mx.array(TOKENS))
