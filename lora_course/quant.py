@@ -220,8 +220,8 @@ def dequantize(
 
 # ----------------------------------------------------------------------------- QLoRA, fast on CPU
 #
-# MLX's CPU quantized_matmul unpacks codes inside a scalar loop, about 6x slower than
-# a BLAS matmul here. On CPU it is faster to dequantize the (out, in) weight for the
+# MLX's CPU quantized_matmul unpacks codes inside a scalar loop: 6 to 15 times slower
+# than a BLAS matmul here (benchmarks/qlora_step.py, notebook 08). On CPU it is faster to dequantize the (out, in) weight for the
 # moment it is needed and hand it to BLAS. The custom VJP below dequantizes again in
 # the backward pass instead of saving the float weight, so between the two passes
 # only the packed weight stays in memory: QLoRA's saving is kept.
@@ -237,14 +237,20 @@ def make_dequant_matmul(group_size: int, bits: int):
 
     @mx.custom_function
     def matmul(x, w_q, scales, biases):
-        y = x.astype(mx.float32) @ dense(w_q, scales, biases).T  # (..., in) @ (in, out)
+        # mx.depends ties each dequantization to the data flowing through this layer. Left
+        # free, MLX's scheduler would dequantize every layer's weight up front (they only
+        # depend on the frozen weights), and mx.compile would merge the backward's
+        # dequantization with the forward's, keeping the float weight alive in between.
+        packed = mx.depends([w_q, scales, biases], [x])
+        y = x.astype(mx.float32) @ dense(*packed).T  # (..., in) @ (in, out)
         # quantized_matmul's output dtype: the shared dtype, float32 when they differ
         return y.astype(x.dtype if x.dtype == scales.dtype else mx.float32)
 
     @matmul.vjp
     def matmul_vjp(primals, cotangent, output):
         x, w_q, scales, biases = primals
-        dx = cotangent.astype(mx.float32) @ dense(w_q, scales, biases)  # (..., out) @ (out, in)
+        packed = mx.depends([w_q, scales, biases], [cotangent])
+        dx = cotangent.astype(mx.float32) @ dense(*packed)  # (..., out) @ (out, in)
         # The packed weight is frozen: its "gradients" are never evaluated.
         return dx.astype(x.dtype), mx.zeros_like(w_q), mx.zeros_like(scales), mx.zeros_like(biases)
 

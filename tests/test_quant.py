@@ -465,3 +465,36 @@ def test_dequant_linear_half_precision_dtype_and_values(dtype):
     assert mx.allclose(y_fast.astype(mx.float32), y_stock.astype(mx.float32), rtol=2e-2, atol=2e-2).item()
     dx = mx.grad(lambda x: fast(x).astype(mx.float32).sum())(x)
     assert dx.dtype == dtype
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_dequant_path_memory_does_not_grow_with_depth(compiled):
+    """Forward and backward through n frozen 4-bit layers (4 MiB of float weight each):
+    the peak must not grow with n, compiled (where mx.compile could merge the two
+    dequantizations) or not. Keeping float weights alive would add 4 MiB per layer."""
+    dims = 1024
+
+    def extra_peak_mib(n_layers):
+        mx.random.seed(0)
+        layers = [DequantLinear.from_linear(nn.Linear(dims, dims, bias=False), 64, 4)
+                  for _ in range(n_layers)]
+        for layer in layers:
+            layer.path = "dequant"
+        mx.eval([layer.parameters() for layer in layers])
+
+        def loss(x):
+            for layer in layers:
+                x = layer(x)
+            return x.sum()
+
+        grad = mx.compile(mx.grad(loss)) if compiled else mx.grad(loss)
+        x = mx.random.normal((4, dims))
+        mx.eval(x, grad(x))  # warm up (compilation)
+        mx.clear_cache()
+        base = mx.get_active_memory()
+        mx.reset_peak_memory()
+        mx.eval(grad(x))
+        return (mx.get_peak_memory() - base) / 2**20
+
+    shallow, deep = extra_peak_mib(6), extra_peak_mib(14)  # 8 more layers: 32 MiB if kept
+    assert deep - shallow < 8.0, f"peak grew from {shallow:.1f} to {deep:.1f} MiB"
