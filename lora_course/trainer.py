@@ -120,6 +120,23 @@ def loss(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array):
 # ----------------------------------------------------------------------------- evaluation
 
 
+def check_token_ids(dataset, vocab_size: int, what: str) -> None:
+    """Every token id must index the embedding. MLX does not bounds-check that lookup, so
+    an id >= vocab_size (data tokenized for another model) would read past the table:
+    garbage losses, or a crash. One pass; ``max`` and ``min`` of a list run in C."""
+    flat = getattr(dataset, "_tokens", None)  # a TokenizedDataset keeps every id in one array
+    if isinstance(flat, np.ndarray) and (flat.size == 0 or (flat.min() >= 0 and flat.max() < vocab_size)):
+        return
+    for i in range(len(dataset)):
+        item = dataset[i]
+        tokens = item[0] if isinstance(item, tuple) else item
+        if len(tokens) and not (0 <= min(tokens) and max(tokens) < vocab_size):
+            bad = next(int(t) for t in tokens if not 0 <= t < vocab_size)
+            raise ValueError(f"{getattr(dataset, 'path', None) or what}: sample {i} has token id {bad}, "
+                             f"outside the model's vocabulary (vocab_size={vocab_size}); was it "
+                             "tokenized with another model's tokenizer?")
+
+
 def evaluate(
     model: nn.Module, dataset, batch_size: int, num_batches: int = -1, max_seq_length: int = 2048,
     loss_fn: Callable = loss,
@@ -131,6 +148,8 @@ def evaluate(
     """
     if dataset is None or len(dataset) == 0:
         raise ValueError("evaluate: the dataset is empty")
+    if getattr(getattr(model, "args", None), "vocab_size", None):
+        check_token_ids(dataset, model.args.vocab_size, "evaluate: the dataset")
     world = mx.distributed.init()
     was_training = model.training
     model.eval()
@@ -219,6 +238,8 @@ def train(
         loss_fn = distillation_loss(teacher, kind=distill, temperature=temperature)
     if train_set is None or len(train_set) == 0:
         raise ValueError("train: the training set is empty")
+    if getattr(getattr(model, "args", None), "vocab_size", None):
+        check_token_ids(train_set, model.args.vocab_size, "train: the training set")
     if args.batch_size > len(train_set):
         raise ValueError(f"batch_size={args.batch_size} is larger than the training set "
                          f"({len(train_set)} examples); use a batch size of at most {len(train_set)}")
