@@ -461,6 +461,16 @@ def batch_larger_than_dataset(env):
 
 
 @case
+def train_on_data_of_another_tokenizer(env):
+    p = write_jsonl(env.tmp / "d.jsonl", [{"text": "x_299 = f(299) import self weight"}] * 4)
+    ds = load_dataset(p, env.tok).train  # ids up to 399 ...
+    model = apply_lora(tiny_model(dim=32, vocab=64), num_layers=1, rank=2)  # ... for a 64-token model
+    args = TrainingArgs(iters=1, batch_size=2, adapter_path=str(env.tmp / "a"))
+    return (lambda: train(model, ds, args=args, progress=False, verbose=False)), ValueError, [
+        str(p), "sample 0", "vocab_size=64"]
+
+
+@case
 def group_size_not_dividing_width(env):
     w = mx.zeros((4, 96))
     return (lambda: quantize(w, group_size=64)), QuantizationError, ["group_size=64", "(4, 96)", "96"]
@@ -697,9 +707,9 @@ def test_cli_in_a_real_process_exits_non_zero_without_traceback(name, assets, tm
 #
 # MLX gathers embedding rows without a bounds check, so a token id >= vocab_size reads
 # past the table (garbage, or a segmentation fault). Checkpoints refuse a tokenizer
-# larger than the model (case checkpoint_tokenizer_of_another_model); data tokenized
-# elsewhere and passed straight to train()/evaluate() must be refused too. Run in a
-# subprocess: today it can crash the interpreter.
+# larger than the model (case checkpoint_tokenizer_of_another_model), and train() /
+# evaluate() refuse such ids (case train_on_data_of_another_tokenizer). Run in a
+# subprocess: without the check this can crash the interpreter.
 
 OUT_OF_VOCAB = """
 import sys, tempfile
@@ -723,8 +733,6 @@ for name, call in [("train", lambda: train(model, data, args=TrainingArgs(iters=
 """
 
 
-@pytest.mark.xfail(strict=True, reason="train()/evaluate() do not check token ids against vocab_size yet "
-                                       "(trainer.py); remove this mark with the fix")
 def test_token_ids_past_the_vocabulary_are_refused(tmp_path):
     script = tmp_path / "oov.py"
     script.write_text(OUT_OF_VOCAB)
