@@ -330,6 +330,9 @@ def default_predicate(vocab_size: int | None, group_size: int):
 def _quantized_twin(module: nn.Module, group_size: int, bits: int, linear_class, embedding_class):
     """A quantized layer holding our quantize(module.weight), bias carried over."""
     rows, cols = module.weight.shape
+    if cols % group_size:  # checked before the layer classes run mx.quantize on their own
+        raise QuantizationError(f"its width {cols} is not divisible by group_size={group_size}; "
+                                "choose a group size that divides it, or leave the layer out (predicate=)")
     if isinstance(module, nn.Embedding):
         layer = embedding_class(rows, cols, group_size=group_size, bits=bits)
     else:
