@@ -6,7 +6,8 @@ Generation"), then the smallest set whose probability reaches ``top_p`` (nucleus
 sampling; Holtzman et al., 2020, "The Curious Case of Neural Text Degeneration"), and
 draw from what is left. ``temp=0`` is greedy decoding.
 
-Decoding runs the whole prompt through the model once (prefill), then one token at a
+Decoding runs the prompt through the model once (prefill; every prompt token but the
+last only fills the KV cache, so the output head runs once), then one token at a
 time with the KV cache. While Python hands token ``t`` to the caller, ``mx.async_eval``
 is already computing token ``t + 1``, so the model never waits for the loop.
 
@@ -24,6 +25,7 @@ import mlx.core as mx
 from lora_course.model import make_cache
 
 PREFILL_STEP = 512  # prompt tokens per forward pass while filling the cache
+SHORT_PROMPT = 16  # prompts up to this long are processed in a single call
 
 
 def filter_logits(logits: mx.array, temp: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> mx.array:
@@ -79,11 +81,14 @@ def generate_tokens(model, prompt: list[int], max_tokens: int = 100, temp: float
         return sample(logits, temp, top_p, top_k, sub)
 
     tokens = mx.array(prompt, dtype=mx.int32)
-    while tokens.size > PREFILL_STEP:  # long prompts: fill the cache in chunks
-        model(tokens[None, :PREFILL_STEP], cache=cache)
-        mx.eval([(c.keys, c.values) for c in cache])  # only the cache; the logits are never computed
-        tokens = tokens[PREFILL_STEP:]
-    y = step(tokens[None])  # prefill the rest in one call
+    # All but the last prompt token only fill the cache, so the output head runs once; a short
+    # prompt goes in one call (the head over a few tokens costs less than another call).
+    while tokens.size > SHORT_PROMPT:
+        chunk = min(PREFILL_STEP, tokens.size - 1)
+        model(tokens[None, :chunk], cache=cache)
+        mx.eval([(c.keys, c.values) for c in cache])  # the output head (logits) is never computed
+        tokens = tokens[chunk:]
+    y = step(tokens[None])  # the last prompt token gives the first new token
     mx.async_eval(y)
     for n in range(1, max_tokens + 1):
         if n < max_tokens:
