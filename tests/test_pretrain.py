@@ -130,10 +130,17 @@ def test_pretrain_cli_parses_flags():
     from lora_course.cli import build_parser
 
     args = build_parser().parse_args(["pretrain", "--out", "x", "--iters", "5", "--packages", "json",
-                                      "--learning-rate", "0.01"])
+                                      "--learning-rate", "0.01", "--init", "gpt2"])
     cfg = PretrainConfig.from_dict(vars(args))
-    assert cfg.iters == 5 and cfg.packages == ("json",) and cfg.learning_rate == 0.01
-    assert cfg.dim == PretrainConfig().dim
+    assert cfg.iters == 5 and cfg.packages == ("json",) and cfg.learning_rate == 0.01 and cfg.init == "gpt2"
+    assert cfg.dim == PretrainConfig().dim and PretrainConfig().init == "mlx"
+
+
+def test_pretrain_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="init='xavier'"):
+        PretrainConfig(init="xavier")
+    with pytest.raises(ValueError, match="iters=0"):
+        PretrainConfig(iters=0)
 
 
 # ----------------------------------------------------------------------------- the shipped model
