@@ -25,15 +25,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from lora_course import atomic
 from lora_course.lora import KINDS, LoRAConfig, apply_lora
 from lora_course.tree import tree_flatten
 
@@ -53,40 +52,6 @@ class AdapterError(ValueError):
 
 
 # ----------------------------------------------------------------------------- saving
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # not every filesystem can fsync a directory
-    finally:
-        os.close(fd)
-
-
-def _atomic(*files) -> None:
-    """Write each ``(target, write)`` pair as ``write(tmp_path)`` on a temp file beside its
-    target and flush it; only when every file is written are they renamed into place."""
-    staged = []
-    try:
-        for target, write in files:
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=target.suffix)
-            os.close(fd)
-            staged.append((tmp, target))
-            write(tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        for tmp, target in staged:
-            os.replace(tmp, target)
-    except BaseException:
-        for tmp, _ in staged:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        raise
 
 
 def _as_dict(config) -> dict[str, Any]:
@@ -114,17 +79,21 @@ def save_adapters(model: nn.Module, path, config=None) -> Path:
     data = {**_as_dict(config), **lora_config.to_dict()}
     text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
     path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        # Both files are written before either replaces the old pair, so a full disk
-        # leaves the old pair whole. (mx.save_safetensors reports write errors as RuntimeError.)
-        _atomic((path / ADAPTER_WEIGHTS, lambda tmp: mx.save_safetensors(tmp, weights)),
-                (path / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(text, encoding="utf-8")))
-        _fsync_dir(path)
-    except (OSError, RuntimeError) as e:
-        raise AdapterError(f"{path}: cannot write adapters ({getattr(e, 'strerror', None) or e}); "
-                           "any previous adapters there are unchanged") from None
+    _write_pair(path, weights, text, "; any previous adapters there are unchanged")
     return path
+
+
+def _write_pair(folder: Path, tensors: dict[str, mx.array], config_text: str, note: str = "") -> None:
+    """adapters.safetensors + adapter_config.json into ``folder``. Both files are written
+    before either replaces the old pair, so a full disk leaves the old pair whole."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic.FileSet() as files:
+            files.write(folder / ADAPTER_WEIGHTS, lambda f: mx.save_safetensors(f, tensors))
+            files.write(folder / ADAPTER_CONFIG, config_text)
+    except (OSError, RuntimeError) as e:  # MLX may report a write error as RuntimeError
+        why = getattr(e, "strerror", None) or e
+        raise AdapterError(f"{folder}: cannot write adapters ({why}){note}") from None
 
 
 # ----------------------------------------------------------------------------- reading
@@ -329,13 +298,7 @@ def convert_peft_adapter(peft_dir, out_dir) -> Path:
                            "peft_type, r and lora_alpha, plus adapter_model.safetensors)")
     cfg, tensors, _ = _read_peft(raw, Path(peft_dir))
     out = Path(out_dir)
-    text = json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        _atomic((out / ADAPTER_WEIGHTS, lambda tmp: mx.save_safetensors(tmp, tensors)),
-                (out / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(text, encoding="utf-8")))
-    except (OSError, RuntimeError) as e:
-        raise AdapterError(f"{out}: cannot write adapters ({getattr(e, 'strerror', None) or e})") from None
+    _write_pair(out, tensors, json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
     return out
 
 

@@ -16,8 +16,8 @@ Three directory layouts are read, told apart by the files they hold:
 
 Loading is lazy: ``mx.load`` maps tensors without reading them, each tensor is checked
 against the shape the config implies and then handed to the model, so there is never
-a second full copy of the weights. Saving is atomic: everything is written into a
-temporary directory beside the target, which is then renamed into place.
+a second full copy of the weights. Saving is atomic (``lora_course.atomic``): everything
+is written into a temporary directory beside the target, which is then renamed into place.
 
 Taught in notebook 04 (checkpoints, tokenizers and sampling).
 """
@@ -26,15 +26,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from lora_course import atomic
 from lora_course.model import Model, ModelArgs
 from lora_course.quant import dequantize, quantize_model, use_dequant_layers
 from lora_course.tokenizer import Tokenizer
@@ -507,17 +506,17 @@ def save(model: Model, tokenizer: Tokenizer | None, path, format: str = "mlx",
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        tmp = atomic.temp_dir(path)  # the new version is built beside the old, then swapped in
     except OSError as e:
         raise CheckpointError(f"{path}: cannot write here ({e.strerror}); nothing was changed") from None
     try:
         _write_shards(tmp, weights, shard_size_mb, {"format": "pt" if format == "hf" else "mlx"})
         del weights
-        _write_json(tmp / "config.json", config)
+        atomic.write_json(tmp / "config.json", config)
         if tokenizer is not None:
             tokenizer.save(tmp)
-        _fsync(tmp)
-        _replace_dir(tmp, path)
+        atomic.fsync_files(tmp)
+        atomic.replace_dir(tmp, path)
     except (OSError, RuntimeError) as e:  # mx.save_safetensors reports a full disk as RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
         why = getattr(e, "strerror", None) or e
@@ -561,37 +560,7 @@ def _write_shards(folder: Path, weights: dict, shard_size_mb: float, metadata: d
         weight_map.update({k: file for k in shard})
         total += sum(v.nbytes for v in shard.values())
     shards.clear()
-    _write_json(folder / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _fsync(folder: Path) -> None:
-    """Flush every file of ``folder`` (and the folder) to disk before it is renamed into place."""
-    for p in [*folder.iterdir(), folder]:
-        try:
-            fd = os.open(p, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass  # some filesystems cannot fsync a directory
-        finally:
-            os.close(fd)
-
-
-def _replace_dir(tmp: Path, path: Path) -> None:
-    """Move the finished ``tmp`` to ``path``; an old ``path`` is moved aside, then deleted."""
-    if not path.exists():
-        os.replace(tmp, path)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-    os.replace(path, old / path.name)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    atomic.write_json(folder / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
 # ----------------------------------------------------------------------------- convert

@@ -1,9 +1,10 @@
-"""Crash-safe training checkpoints: atomic files and the state needed for exact resume.
+"""Crash-safe training checkpoints: the state needed for exact resume, saved atomically.
 
-A file is never written in place. It goes to a temporary name in the same directory,
-is flushed to disk (``fsync``), and is then renamed over the old one with
-``os.replace``, which POSIX makes atomic. A run killed at any instant (even by
-SIGKILL) leaves either the old file or the new one, never half of one.
+A file is never written in place. Through ``lora_course.atomic`` it goes to a
+temporary name in the same directory, is flushed to disk (``fsync``), and is then
+renamed over the old one with ``os.replace``, which POSIX makes atomic. A run killed
+at any instant (even by SIGKILL) leaves either the old file or the new one, never
+half of one.
 
 Exact resume needs everything the next step depends on, in ONE file so that it
 cannot be torn: ``training_state.safetensors`` holds the trainable parameters, the
@@ -18,19 +19,19 @@ from __future__ import annotations
 
 import errno
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from lora_course.atomic import remove_stale_temporaries  # noqa: F401  (the trainer calls it from here)
+from lora_course.atomic import save_safetensors as atomic_save_safetensors  # this module's writes: one name
+from lora_course.atomic import temp_path
 from lora_course.tree import tree_flatten, tree_unflatten
 
 STATE_FILE = "training_state.safetensors"
 _STATE_KEY = "lora_course_training_state"
-_TMP_MARK = ".tmp-"
 
 
 class CheckpointWriteError(OSError):
@@ -41,71 +42,12 @@ class CheckpointWriteError(OSError):
         self.errno = code
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # some filesystems do not allow opening directories
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _tmp_name(path: Path) -> Path:
-    # Keeps the real suffix: mx.save_safetensors and loaders recognise files by it.
-    return path.with_name(f"{_TMP_MARK}{os.getpid()}-{path.name}")
-
-
-def atomic_save_safetensors(path, arrays: dict[str, mx.array], metadata: dict[str, str] | None = None):
-    """``mx.save_safetensors`` through a temporary file and ``os.replace``."""
-    path = Path(path)
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            mx.save_safetensors(f, arrays, metadata=metadata)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path, text: str) -> None:
-    path = Path(path)
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def remove_stale_temporaries(directory) -> None:
-    """Delete temporary files left by a run that was killed mid-write."""
-    directory = Path(directory)
-    if directory.is_dir():
-        # ours, and those of save_adapters (".adapters.XXXX.safetensors", ...)
-        patterns = (f"{_TMP_MARK}*", ".adapters.*.safetensors", ".adapter_config.*.json")
-        for p in (p for pattern in patterns for p in directory.glob(pattern)):
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-
-
 def check_writable(directory) -> Path:
     """Create ``directory`` if needed and prove we can write there, before any training."""
     directory = Path(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe = _tmp_name(directory / "write-probe")
+        probe = temp_path(directory / "write-probe")
         try:
             with open(probe, "wb") as f:
                 f.write(b"ok")

@@ -25,27 +25,14 @@ import os
 import pkgutil
 import random
 import re
-import tempfile
 import time
 import types
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from lora_course import atomic
+
 SPLITS = ("train", "valid", "test")
-
-
-def _write_temp(target: Path, data: bytes) -> str:
-    """``data`` in a flushed temporary file beside ``target``; the caller renames it into place."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return tmp
 
 
 def _public(name: str) -> bool:
@@ -181,26 +168,20 @@ def build_docstring_dataset(packages=("mlx",), out_dir="mlx-doc-data", seq_limit
                          f"(import failures: {', '.join(failures) or 'none'})")
     splits = _split([by_path[p] for p in sorted(by_path)], test_fraction, seed)
     out = Path(out_dir)
-    staged, replaced = [], 0  # every split is written in full before any replaces an old one
+    files = atomic.FileSet()  # every split is written in full before any replaces an old one
     try:
         out.mkdir(parents=True, exist_ok=True)
-        for split, texts in splits.items():
-            if texts:
-                target = out / f"{split}.jsonl"
-                lines = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
-                staged.append((_write_temp(target, lines.encode("utf-8")), target))
-        for tmp, target in staged:
-            os.replace(tmp, target)
-            replaced += 1
+        with files:
+            for split, texts in splits.items():
+                if texts:
+                    lines = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
+                    files.write(out / f"{split}.jsonl", lines)
         for split in SPLITS:
             if not splits[split] and (out / f"{split}.jsonl").exists():
                 os.unlink(out / f"{split}.jsonl")  # a stale split from an earlier run would not match
-    except BaseException as e:
-        for tmp, _ in staged[replaced:]:
-            Path(tmp).unlink(missing_ok=True)
-        if not isinstance(e, OSError):
-            raise
-        kept = "the previous files are unchanged" if not replaced else "the splits are mixed; run it again"
+    except OSError as e:
+        kept = ("the splits are mixed; run it again" if files.replaced
+                else "the previous files are unchanged")
         err = OSError(f"{out}: cannot write the dataset ({e.strerror or e}); {kept}")
         err.errno = e.errno
         raise err from None

@@ -16,32 +16,18 @@ import io
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
+
+from lora_course import atomic
 
 SPACE = "\u2581"  # "▁": how SentencePiece writes a space inside a piece
 
 
 class TokenizerError(ValueError):
     """A tokenizer file that cannot be used; the message names the file."""
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temp file next to ``path``, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _read_chat_template(folder: Path) -> str | None:
@@ -289,9 +275,9 @@ class Tokenizer:
         """Write ``tokenizer.model`` (and ``chat_template.jinja`` if set) atomically."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write(folder / "tokenizer.model", self._proto)
+        atomic.write_bytes(folder / "tokenizer.model", self._proto)
         if self.chat_template is not None:
-            _atomic_write(folder / "chat_template.jinja", self.chat_template.encode("utf-8"))
+            atomic.write_text(folder / "chat_template.jinja", self.chat_template)
         return folder / "tokenizer.model"
 
     def __repr__(self) -> str:
@@ -371,6 +357,6 @@ def train_tokenizer(text_files_or_iterator, vocab_size: int, model_prefix: str |
     if model_prefix is not None:
         path = Path(f"{os.fspath(model_prefix)}.model")
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, buffer.getvalue())
+        atomic.write_bytes(path, buffer.getvalue())
         tokenizer.path = path
     return tokenizer

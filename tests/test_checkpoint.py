@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from lora_course import CheckpointError, Model, ModelArgs, generate, load, save, stream_generate
+from lora_course import atomic
 from lora_course import checkpoint as ck
 from lora_course.cli import main
 from lora_course.generate import _DiffDetokenizer, _detokenize, filter_logits, generate_tokens, sample
@@ -120,7 +121,7 @@ def test_failed_save_leaves_previous_checkpoint(tok, tmp_path, monkeypatch):
     def broken(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ck, "_write_json", broken)
+    monkeypatch.setattr(atomic, "write_json", broken)
     with pytest.raises(CheckpointError, match="No space left.*unchanged"):
         save(tiny(seed=1), tok, tmp_path / "m")
     assert os.listdir(tmp_path) == ["m"]

@@ -50,6 +50,7 @@ from lora_course import (
     train,
     train_tokenizer,
 )
+from lora_course import atomic
 from lora_course import checkpointing as ckpt
 from lora_course.tokenizer import Tokenizer
 
@@ -326,7 +327,7 @@ def test_a_failed_checkpoint_leaves_a_run_that_resumes_exactly(mode, fail_at, re
     assert "\n" not in msg and str(out) in msg and any(c in msg for c in CAUSES), msg
     assert "is intact" in msg or "not writable" in msg, msg
 
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".") or ckpt._TMP_MARK in p.name]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".") or atomic.TMP_MARK in p.name]
     step = ckpt.load_training_state(out)[2]["step"]
     assert step in (4, 6, 8)
     json.loads((out / "adapter_config.json").read_text())

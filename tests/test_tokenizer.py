@@ -168,7 +168,7 @@ def test_train_from_files_and_prefix(tmp_path):
     t2 = train_tokenizer([str(f)], 380, tmp_path / "m2")
     assert (tmp_path / "m1.model").is_file() and t1.path == tmp_path / "m1.model"
     assert t1.encode("the model") == t2.encode("the model")
-    assert not list(tmp_path.glob(".*tmp"))  # atomic writes leave nothing behind
+    assert not list(tmp_path.glob(".*"))  # atomic writes leave no temporary behind
     t3 = train_tokenizer(corpus(100), 380, None)  # in memory only
     assert t3.path is None and t3.encode("x = 1") == t1.encode("x = 1")
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from lora_course import Model, ModelArgs
+from lora_course import atomic
 from lora_course import checkpointing as ckpt
 from lora_course.adapters import load_adapters
 from lora_course.batching import iterate_batches
@@ -423,7 +424,7 @@ def test_full_disk_is_a_clear_error_and_the_previous_checkpoint_survives(tmp_pat
                 return FullDisk(path, mode, budget=100)
         return open(path, mode, *a, **kw)
 
-    monkeypatch.setattr(ckpt, "open", opener, raising=False)
+    monkeypatch.setattr(atomic, "open", opener, raising=False)
     with pytest.raises(ckpt.CheckpointWriteError) as e:
         train(make_model(), make_data(12), args=quiet(iters=12, adapter_path=str(tmp_path)),
               progress=False, verbose=False)
