@@ -8,18 +8,20 @@ Three directory layouts are read, told apart by the files they hold:
 - **MLX**: what :func:`save` writes. The same layout, plus an optional ``quantization``
   entry (``group_size``, ``bits``) in ``config.json`` as mlx-community models carry; the
   quantized layers are built first, then filled.
-- **Meta / Mistral originals** (``params.json`` + ``consolidated.*.pth``): Meta's names
-  (``layers.0.attention.wq.weight``) are renamed to ours. Their RoPE rotates interleaved
-  feature pairs (Su et al., 2021, "RoFormer"), so the model is built with
-  ``rope_traditional=True`` rather than permuting the weights. ``.pth`` files are
-  read with ``torch.load(weights_only=True)``, which refuses pickled code.
+- **Meta / Mistral originals** (``params.json`` + ``consolidated.*.pth``): read by
+  ``meta_format.py``, which renames Meta's tensors (``layers.0.attention.wq.weight``) to
+  ours and joins model-parallel shards. Their RoPE rotates interleaved feature pairs
+  (Su et al., 2021, "RoFormer"), so the model is built with ``rope_traditional=True``
+  rather than permuting the weights. ``.pth`` files are read with
+  ``torch.load(weights_only=True)``, which refuses pickled code.
 
 Loading is lazy: ``mx.load`` maps tensors without reading them, each tensor is checked
 against the shape the config implies and then handed to the model, so there is never
 a second full copy of the weights. Saving is atomic (``lora_course.atomic``): everything
 is written into a temporary directory beside the target, which is then renamed into place.
 
-Taught in notebook 04 (checkpoints, tokenizers and sampling).
+``convert`` (``lora-course convert``: load, cast, quantize, save) lives in
+``conversion.py``. Taught in notebook 04 (checkpoints, tokenizers and sampling).
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ import mlx.nn as nn
 
 from lora_course import atomic
 from lora_course.model import Model, ModelArgs
-from lora_course.quant import dequantize, quantize_model, use_dequant_layers
+from lora_course.quant import dequantize, use_dequant_layers
 from lora_course.tokenizer import Tokenizer
-from lora_course.tree import tree_flatten, tree_map
+from lora_course.tree import tree_flatten
 
 BASE_DIR = Path(__file__).parent / "assets" / "base"  # the course's embedded base model
 DEFAULT_SHARD_MB = 5000  # write one safetensors file per this many MiB
@@ -59,17 +61,6 @@ CHECKPOINT_FILES = re.compile(
     r"^(config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|"
     r"tokenizer\.model|chat_template\.jinja)$"
 )
-META_NAMES = [  # Meta / Mistral original name -> ours
-    (r"^tok_embeddings\.", "model.embed_tokens."),
-    (r"^norm\.", "model.norm."),
-    (r"^output\.", "lm_head."),
-    (r"^layers\.(\d+)\.attention\.w([qkvo])\.", r"model.layers.\1.self_attn.\2_proj."),
-    (r"^layers\.(\d+)\.feed_forward\.w1\.", r"model.layers.\1.mlp.gate_proj."),
-    (r"^layers\.(\d+)\.feed_forward\.w2\.", r"model.layers.\1.mlp.down_proj."),
-    (r"^layers\.(\d+)\.feed_forward\.w3\.", r"model.layers.\1.mlp.up_proj."),
-    (r"^layers\.(\d+)\.attention_norm\.", r"model.layers.\1.input_layernorm."),
-    (r"^layers\.(\d+)\.ffn_norm\.", r"model.layers.\1.post_attention_layernorm."),
-]
 
 
 class CheckpointError(ValueError):
@@ -214,7 +205,7 @@ def load(path=None, lazy: bool = True) -> tuple[Model, Tokenizer]:
     folder = resolve(path)
     tokenizer = _load_tokenizer(folder)  # cheap, so a missing one is reported first
     if detect_format(folder) == "meta":
-        model = _load_meta(folder, lazy)
+        model = load_meta(folder, lazy)
     else:
         args, files = read_config(folder), weight_files(folder)
         model = _build(args, _quantized_paths(files), folder / "config.json")
@@ -328,91 +319,6 @@ def _load_tokenizer(folder: Path) -> Tokenizer:
     return Tokenizer(folder / "tokenizer.model")
 
 
-# ----------------------------------------------------------------------------- Meta / Mistral
-
-
-def meta_to_hf_name(name: str) -> str:
-    """``layers.0.attention.wq.weight`` -> ``model.layers.0.self_attn.q_proj.weight``."""
-    for pattern, repl in META_NAMES:
-        new, n = re.subn(pattern, repl, name)
-        if n:
-            return new
-    return name
-
-
-def _meta_concat_axis(name: str) -> int | None:
-    """How model-parallel shards of Meta checkpoints split a tensor (None: replicated)."""
-    if re.search(r"(norm|rope)", name):
-        return None
-    if re.search(r"(attention\.wo|feed_forward\.w2|tok_embeddings)\.", name):
-        return 1
-    return 0
-
-
-def _load_meta(folder: Path, lazy: bool) -> Model:
-    args_path = folder / "params.json"
-    safetensors = sorted(folder.glob("consolidated*.safetensors"))
-    if safetensors:  # newer Mistral releases: Meta names, safetensors container
-        shards = [_mx_load(f) for f in safetensors]
-        first = safetensors[0]
-    else:
-        pths = sorted(folder.glob("consolidated.*.pth"))
-        if not pths:
-            raise CheckpointError(f"{folder}: params.json but no consolidated.*.pth or "
-                                  "consolidated.safetensors weights")
-        shards = [_torch_load(f) for f in pths]
-        first = pths[0]
-    merged = {}
-    for name in shards[0]:
-        parts = [s[name] for s in shards if name in s]
-        axis = _meta_concat_axis(name)
-        merged[meta_to_hf_name(name)] = (
-            parts[0] if len(parts) == 1 or axis is None else mx.concatenate(parts, axis=axis))
-    del shards
-    config = _read_json(args_path)
-    args = read_config(folder)
-    embed = merged.get("model.embed_tokens.weight")
-    if embed is not None and (config.get("vocab_size") in (None, -1) or args.vocab_size <= 0):
-        args.vocab_size = embed.shape[0]  # Llama 1/2 params.json says vocab_size: -1
-    if "lm_head.weight" not in merged:
-        args.tie_word_embeddings = True
-    model = Model(args)
-    load_weights(model, [(first, merged)], folder, lazy)
-    return model
-
-
-def _torch_load(path: Path) -> dict[str, mx.array]:
-    """Read a ``.pth`` state dict without running pickled code, as MLX arrays."""
-    try:
-        import torch
-    except ImportError:
-        raise CheckpointError(f"{path}: reading .pth weights needs PyTorch: pip install torch "
-                              "(or convert the checkpoint to safetensors elsewhere)") from None
-    try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy format
-    except Exception as e:  # noqa: BLE001  (UnpicklingError, zip errors ...: one line for people)
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: refused to load: not a plain tensor checkpoint "
-                              f"(torch.load weights_only=True: {reason})") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
-    out = {}
-    for name, t in state.items():
-        if not isinstance(t, torch.Tensor):
-            raise CheckpointError(f"{path}: entry '{name}' is a {type(t).__name__}, not a tensor")
-        t = t.contiguous()
-        if t.dtype == torch.bfloat16:  # numpy has no bfloat16: move the raw bits
-            out[name] = mx.array(t.view(torch.uint16).numpy()).view(mx.bfloat16)
-        else:
-            out[name] = mx.array(t.numpy())
-    return out
-
-
 # ----------------------------------------------------------------------------- saving
 
 
@@ -435,14 +341,6 @@ def _quantization_config(model) -> dict | None:
     return q
 
 
-def _interleaved_to_halves(w: mx.array, n_heads: int) -> mx.array:
-    """Reorder q/k output rows from RoPE's interleaved pairs to the HF half-split layout."""
-    rows = w.shape[0]
-    head_dim = rows // n_heads
-    w = w.reshape(n_heads, head_dim // 2, 2, *w.shape[1:])  # (heads, pairs, 2, ...)
-    return w.swapaxes(1, 2).reshape(rows, *w.shape[3:])  # (heads * head_dim, ...)
-
-
 def hf_weights(model: Model) -> dict[str, mx.array]:
     """The model's tensors as a plain HF checkpoint: dequantized, RoPE in HF's layout."""
     weights = dict(tree_flatten(model.parameters()))
@@ -456,7 +354,7 @@ def hf_weights(model: Model) -> dict[str, mx.array]:
         for name in list(weights):
             if re.search(r"self_attn\.[qk]_proj\.(weight|bias)$", name):
                 heads = model.args.n_heads if ".q_proj." in name else model.args.n_kv_heads
-                weights[name] = _interleaved_to_halves(weights[name], heads)
+                weights[name] = interleaved_to_halves(weights[name], heads)
     return weights
 
 
@@ -563,65 +461,8 @@ def _write_shards(folder: Path, weights: dict, shard_size_mb: float, metadata: d
     atomic.write_json(folder / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
-# ----------------------------------------------------------------------------- convert
-
-
-def _quantize(model: Model, group_size: int = 64, bits: int = 4) -> Model:
-    """Quantize with lora_course.quant (the seed's rule: every Linear but the output head)."""
-    quantize_model(model, group_size=group_size, bits=bits)
-    model.args.quantization = {"group_size": group_size, "bits": bits}
-    return model
-
-
-def convert(torch_path=None, hf_path=None, mlx_path="mlx_model", quantize: bool = False,
-            q_group_size: int = 64, q_bits: int = 4, dtype: str | None = None,
-            shard_size_mb: float = DEFAULT_SHARD_MB) -> Path:
-    """Convert a Meta (``torch_path``) or HF (``hf_path``) checkpoint to MLX format at ``mlx_path``.
-
-    ``dtype`` (``"float16"``, ``"bfloat16"``, ``"float32"``) casts the float weights;
-    ``None`` keeps the stored dtype. ``quantize`` then quantizes with ``q_group_size``
-    and ``q_bits``.
-    """
-    if (torch_path is None) == (hf_path is None):
-        raise CheckpointError("convert: give exactly one source, torch_path or hf_path")
-    if dtype is not None and dtype not in ("float16", "bfloat16", "float32"):
-        raise CheckpointError(f"convert: dtype must be float16, bfloat16 or float32, got {dtype!r}")
-    source = torch_path if torch_path is not None else hf_path
-    model, tokenizer = load(source, lazy=True)
-    if dtype is not None:
-        target = getattr(mx, dtype)
-        model.update(tree_map(lambda a: a.astype(target) if a.dtype in FLOATS else a,
-                              model.parameters()))
-    if quantize:
-        if _quantized_modules(model):
-            raise CheckpointError(f"{source}: the checkpoint is already quantized; convert it "
-                                  "without -q, or start from an unquantized checkpoint")
-        _quantize(model, q_group_size, q_bits)
-    return save(model, tokenizer, mlx_path, format="mlx", shard_size_mb=shard_size_mb)
-
-
-def add_convert_command(subparsers) -> None:
-    p = subparsers.add_parser(
-        "convert", help="convert a Hugging Face or Meta checkpoint to MLX format, optionally quantized",
-        description="Convert a Hugging Face (--hf-path) or original Meta/Mistral (--torch-path) "
-                    "checkpoint into an MLX checkpoint directory (--mlx-path).")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--torch-path", help="directory with params.json and consolidated.*.pth")
-    source.add_argument("--hf-path", help="directory with config.json and *.safetensors")
-    p.add_argument("--mlx-path", default="mlx_model", help="output directory (default: mlx_model)")
-    p.add_argument("-q", "--quantize", action="store_true", help="quantize the weights")
-    p.add_argument("--q-group-size", type=int, default=64, help="quantization group size (default 64)")
-    p.add_argument("--q-bits", type=int, default=4, help="bits per quantized weight (default 4)")
-    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
-                   help="cast float weights to this dtype (default: keep the stored dtype)")
-    p.add_argument("--shard-size-mb", type=float, default=DEFAULT_SHARD_MB,
-                   help=f"largest safetensors file in MiB (default {DEFAULT_SHARD_MB})")
-    p.set_defaults(func=_convert_cli)
-
-
-def _convert_cli(args) -> int:
-    out = convert(torch_path=args.torch_path, hf_path=args.hf_path, mlx_path=args.mlx_path,
-                  quantize=args.quantize, q_group_size=args.q_group_size, q_bits=args.q_bits,
-                  dtype=args.dtype, shard_size_mb=args.shard_size_mb)
-    print(f"saved {out}")
-    return 0
+# ----------------------------------------------------------------------------- moved out
+# The Meta / Mistral reader and ``convert`` build on this module, so they are imported
+# last (load() and hf_weights() call them); their names stay importable from here.
+from lora_course.meta_format import META_NAMES, interleaved_to_halves, load_meta, meta_to_hf_name  # noqa: E402,F401
+from lora_course.conversion import add_convert_command, convert  # noqa: E402,F401

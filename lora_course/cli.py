@@ -17,7 +17,7 @@ _COMMANDS = {
     "info": "lora_course.cli:add_info_command",
     "train": "lora_course.train_cli:add_train_command",
     "fuse": "lora_course.adapters:add_fuse_command",
-    "convert": "lora_course.checkpoint:add_convert_command",
+    "convert": "lora_course.conversion:add_convert_command",
     "generate": "lora_course.generate:add_generate_command",
     "dataset": "lora_course.docstrings:add_dataset_command",
     "pretrain": "lora_course.pretrain:add_pretrain_command",

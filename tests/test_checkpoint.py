@@ -17,6 +17,7 @@ import pytest
 from lora_course import CheckpointError, Model, ModelArgs, generate, load, save, stream_generate
 from lora_course import atomic
 from lora_course import checkpoint as ck
+from lora_course import conversion
 from lora_course.cli import main
 from lora_course.generate import _DiffDetokenizer, _detokenize, filter_logits, generate_tokens, sample
 from lora_course.tokenizer import train_tokenizer
@@ -130,7 +131,7 @@ def test_failed_save_leaves_previous_checkpoint(tok, tmp_path, monkeypatch):
 
 def test_quantized_mlx_round_trip(tok, tmp_path):
     model = tiny()
-    ck._quantize(model, group_size=32, bits=4)
+    conversion._quantize(model, group_size=32, bits=4)
     save(model, tok, tmp_path / "q")
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     assert config["quantization"] == {"group_size": 32, "bits": 4}
@@ -142,7 +143,7 @@ def test_quantized_mlx_round_trip(tok, tmp_path):
 
 def test_hf_save_of_quantized_model_is_dequantized(tok, tmp_path):
     model = tiny()
-    ck._quantize(model, group_size=32, bits=8)
+    conversion._quantize(model, group_size=32, bits=8)
     save(model, tok, tmp_path / "hf", format="hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert "quantization" not in config and config["torch_dtype"] == "float32"

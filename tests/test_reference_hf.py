@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 
 from lora_course import CheckpointError, load, save  # noqa: E402
 from lora_course import checkpoint as ck  # noqa: E402
+from lora_course import conversion, meta_format  # noqa: E402
 from lora_course.cli import main  # noqa: E402
 from lora_course.generate import generate_tokens  # noqa: E402
 from lora_course.tokenizer import train_tokenizer  # noqa: E402
@@ -113,7 +114,7 @@ def test_mlx_round_trips(hf_case, tmp_path):
     save(model, tok2, tmp_path / "mlx")
     again, _ = load(tmp_path / "mlx")
     assert np.array_equal(our_logits(model), our_logits(again))
-    ck._quantize(model, group_size=32, bits=4)
+    conversion._quantize(model, group_size=32, bits=4)
     save(model, tok2, tmp_path / "q")
     q, _ = load(tmp_path / "q")
     assert np.array_equal(our_logits(model), our_logits(q))
@@ -146,7 +147,7 @@ def to_meta(hf, n_shards=1):
         state[meta] = w.clone()
     shards = [{} for _ in range(n_shards)]
     for name, w in state.items():
-        axis = ck._meta_concat_axis(name)
+        axis = meta_format.meta_concat_axis(name)
         parts = [w] * n_shards if axis is None else torch.chunk(w, n_shards, dim=axis)
         for s, p in zip(shards, parts):
             s[name] = p.clone()
