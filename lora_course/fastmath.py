@@ -15,9 +15,10 @@ libm's ``powf`` is fast, and MLX's ``mx.power`` calls it. Since
 surrounding element-wise ops under ``mx.compile``. Its accuracy is MLX's own: ``mx.exp``
 multiplies by log2(e) in float32 too (max relative difference ~1e-7, tested), and
 ``2**-inf = 0``, ``2**inf = inf`` and NaN behave like exp. The functions below build
-softmax, logsumexp, sigmoid, SiLU, cross-entropy and attention on it. Their gradients
-come from ordinary autodiff, which reuses the forward's powers instead of
-recomputing exponentials.
+softmax, logsumexp, sigmoid, SiLU, cross-entropy and attention on it. No backward pass
+recomputes an exponential: sigmoid, SiLU and softmax have hand-written gradients that
+keep what MLX's own ops keep (so no extra memory), and logsumexp's autodiff reuses the
+forward's powers.
 
 The fast path is used only where it is faster: the CPU device on Linux x86-64. On
 macOS (Accelerate / NEON) and on GPUs each function is the MLX op it replaces, which
@@ -62,25 +63,62 @@ def exp(x: mx.array) -> mx.array:
 
 
 def _sigmoid32(x: mx.array) -> mx.array:
-    # Below x = -80, e**-x would overflow float32 and the gradient of 1 / (1 + inf) is
-    # inf / inf = NaN; sigmoid(-80) is already 2e-35, so clamping there changes nothing
+    # Below x = -80, e**-x would overflow float32 (and a gradient through 1 / (1 + inf) is
+    # inf / inf = NaN); sigmoid(-80) is already 2e-35, so clamping there changes nothing
     # visible. One chain of single-use ops, so mx.compile fuses it into one loop.
     return 1.0 / (1.0 + mx.power(2.0, mx.maximum(x, -80.0) * -LOG2E))
+
+
+# The custom gradients below keep exactly what MLX's own ops keep for their backward pass
+# (sigmoid: its output; SiLU: x and sigmoid(x); softmax: its output), so the fast path
+# costs no extra memory. Plain autodiff would also keep the powers and the sums.
+
+
+@mx.custom_function
+def _sigmoid(x):
+    return _sigmoid32(x)
+
+
+@_sigmoid.vjp
+def _sigmoid_vjp(x, g, s):
+    return g * s * (1.0 - s)  # d sigmoid / dx = s (1 - s)
+
+
+@mx.custom_function
+def _silu(x):
+    s = _sigmoid32(x)
+    return x * s, s  # the second output is kept for the backward pass
+
+
+@_silu.vjp
+def _silu_vjp(x, cotangents, outputs):
+    s = outputs[1]
+    return cotangents[0] * s * (1.0 + x * (1.0 - s))  # d (x s) / dx = s + x s (1 - s)
+
+
+@mx.custom_function
+def _softmax_last(x):
+    e = mx.power(2.0, (x - mx.max(x, axis=-1, keepdims=True)) * LOG2E)  # shifted: nothing overflows
+    return e / mx.sum(e, axis=-1, keepdims=True)
+
+
+@_softmax_last.vjp
+def _softmax_last_vjp(x, g, p):
+    return p * (g - mx.sum(g * p, axis=-1, keepdims=True))  # the softmax Jacobian applied to g
 
 
 def sigmoid(x: mx.array) -> mx.array:
     """1 / (1 + e**-x)."""
     if not enabled():
         return mx.sigmoid(x)
-    return _sigmoid32(_f32(x)).astype(x.dtype)
+    return _sigmoid(_f32(x)).astype(x.dtype)
 
 
 def silu(x: mx.array) -> mx.array:
     """x * sigmoid(x), the gate of a SwiGLU feed-forward."""
     if not enabled():
         return nn.silu(x)
-    x32 = _f32(x)
-    return (x32 * _sigmoid32(x32)).astype(x.dtype)
+    return _silu(_f32(x))[0].astype(x.dtype)
 
 
 def softmax(x: mx.array, axis: int = -1) -> mx.array:
@@ -88,9 +126,9 @@ def softmax(x: mx.array, axis: int = -1) -> mx.array:
     if not enabled():
         return mx.softmax(x, axis=axis, precise=True)
     x32 = _f32(x)
-    # The shift changes nothing mathematically, so no gradient needs to flow through it.
-    e = exp(x32 - mx.stop_gradient(mx.max(x32, axis=axis, keepdims=True)))
-    return (e / mx.sum(e, axis=axis, keepdims=True)).astype(x.dtype)
+    if axis in (-1, x.ndim - 1):
+        return _softmax_last(x32).astype(x.dtype)
+    return _softmax_last(x32.swapaxes(axis, -1)).swapaxes(axis, -1).astype(x.dtype)
 
 
 def logsumexp(x: mx.array, axis: int = -1, keepdims: bool = False) -> mx.array:
