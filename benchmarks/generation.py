@@ -1,0 +1,85 @@
+"""Greedy generation, batch 1: prompt processing and decoding tokens/s.
+
+The same weights (``weights.py``) and the same random prompt go to
+``lora_course.generate.generate_tokens`` and to ``mlx_lm.generate.generate_step``
+(greedy: mlx-lm's default sampler is argmax). Each run is timed from the call to
+the first new token (prompt processing, "prefill": prompt_len / that time) and from
+the first to the last new token (decoding: (gen_tokens - 1) / that time), in wall time
+and in process CPU time. The runner asserts that both produce the same token ids.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+from benchmarks import measure
+from benchmarks.weights import load_into_mlx, load_npz
+
+REPEATS = 3  # timed generations per run, after one untimed
+
+
+def _timed(generate_ids, cfg) -> dict:
+    """Run ``generate_ids()`` (an iterator of ints) 1 + REPEATS times; medians of the timed ones."""
+    import mlx.core as mx
+
+    runs = []
+    for i in range(1 + REPEATS):
+        if i == 1:
+            mx.clear_cache()
+            mx.reset_peak_memory()
+            rss_method = measure.reset_peak_rss()
+        t0, c0 = time.perf_counter(), time.process_time()
+        ids, t_first, c_first = [], None, None
+        for t in generate_ids():
+            if t_first is None:
+                t_first, c_first = time.perf_counter(), time.process_time()
+            ids.append(int(t))
+        t_end, c_end = time.perf_counter(), time.process_time()
+        runs.append((t_first - t0, t_end - t_first, ids, c_first - c0, c_end - c_first))
+    timed = runs[1:]
+    prefill_s = statistics.median(r[0] for r in timed)
+    decode_s = statistics.median(r[1] for r in timed)
+    if any(r[2] != runs[0][2] for r in runs):
+        raise AssertionError("greedy generation is not deterministic across repeats")
+    return {"prefill_s": prefill_s, "decode_s": decode_s,
+            "prefill_cpu_s": statistics.median(r[3] for r in timed),
+            "decode_cpu_s": statistics.median(r[4] for r in timed),
+            "prefill_tokens_per_s": cfg.prompt_len / prefill_s,
+            "decode_tokens_per_s": (cfg.gen_tokens - 1) / max(decode_s, 1e-9),
+            "ids": runs[0][2], "peak_rss_mib": measure.peak_rss_mib(rss_method),
+            "rss_method": rss_method, "mlx_peak_mib": mx.get_peak_memory() / 2**20}
+
+
+def run_lora_course(cfg, weights_path, data_path, quant: bool = False) -> dict:
+    from lora_course import Model, ModelArgs
+    from lora_course.generate import generate_tokens
+
+    args = ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, hidden_dim=cfg.hidden_dim, n_heads=cfg.n_heads,
+                     vocab_size=cfg.vocab_size)
+    model = Model(args)
+    load_into_mlx(model, weights_path)
+    prompt = [int(t) for t in load_npz(data_path)["prompt"]]
+    return _timed(lambda: generate_tokens(model, prompt, max_tokens=cfg.gen_tokens, temp=0.0), cfg)
+
+
+def run_mlx_lm(cfg, weights_path, data_path, quant: bool = False) -> dict:
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models.llama import Model, ModelArgs
+
+    args = ModelArgs(model_type="llama", hidden_size=cfg.dim, num_hidden_layers=cfg.n_layers,
+                     intermediate_size=cfg.hidden_dim, num_attention_heads=cfg.n_heads, rms_norm_eps=1e-5,
+                     vocab_size=cfg.vocab_size, num_key_value_heads=cfg.n_heads, tie_word_embeddings=False)
+    model = Model(args)
+    load_into_mlx(model, weights_path)
+    prompt = mx.array(load_npz(data_path)["prompt"])
+
+    def ids():
+        for token, _ in generate_step(prompt, model, max_tokens=cfg.gen_tokens):
+            yield token
+
+    return _timed(ids, cfg)
+
+
+RUNNERS = {"lora_course": run_lora_course, "mlx_lm": run_mlx_lm}

@@ -1,0 +1,107 @@
+"""Timing and memory measurement inside a worker process, the same for every peer.
+
+Time: a few untimed warm-up calls (compilation, allocator), then timed calls until
+``cfg.steps`` are done or ``cfg.max_seconds`` have passed (at least ``cfg.min_steps``).
+Each call must return only after its work is finished (the callers force
+evaluation). We keep every call's duration and report the median, which shrugs off
+the odd slow call when other processes share the cores. The process CPU time of each
+call (all threads) is recorded too: waiting for a busy core does not count in it, but a
+BLAS thread spinning while it waits for work does.
+
+Before each timed call an untimed 1024 x 1024 fp32 GEMM can be timed too (``probe``):
+shared cores make absolute rates drift, and a GEMM measured next to the steps gives a
+yardstick under the same load.
+
+Memory: the peak resident set size (VmHWM) of the process during the timed calls.
+Linux lets a process reset its own high-water mark (``echo 5 > /proc/self/clear_refs``),
+so the figure covers the timed steps only: the resident weights, activations,
+gradients, optimizer state, and the libraries' own resident code and data. Where the
+reset is unavailable we fall back to ``getrusage`` max RSS (the whole process life)
+and say so in ``rss_method``.
+"""
+
+from __future__ import annotations
+
+import gc
+import resource
+import statistics
+import time
+
+
+def reset_peak_rss() -> str:
+    """Reset the peak-RSS mark; returns the method the matching peak_rss_mib() will use."""
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return "VmHWM after reset"
+    except OSError:
+        return "ru_maxrss (whole process)"
+
+
+def peak_rss_mib(method: str) -> float:
+    if method.startswith("VmHWM"):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB -> MiB
+    # ru_maxrss is in kilobytes on Linux and bytes on macOS
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    import sys
+
+    return rss / (2**20 if sys.platform == "darwin" else 1024.0)
+
+
+def time_calls(fn, cfg, before_timing=None, probe=None) -> dict:
+    """Warm up, then time ``fn()``; returns durations, the median and fn's last result.
+
+    ``probe()``, if given, runs (untimed) before each timed call and its values are
+    returned as ``probes``: a GEMM rate measured in the same process at the same moment.
+    """
+    result = None
+    for _ in range(cfg.warmup):
+        result = fn()
+    if before_timing is not None:
+        before_timing()
+    times, cpu_times, probes = [], [], []
+    start = time.perf_counter()
+    while len(times) < cfg.steps:
+        if probe is not None:
+            probes.append(probe())
+        tic, cpu_tic = time.perf_counter(), time.process_time()
+        result = fn()
+        times.append(time.perf_counter() - tic)
+        cpu_times.append(time.process_time() - cpu_tic)
+        if len(times) >= cfg.min_steps and time.perf_counter() - start > cfg.max_seconds:
+            break
+    return {"times_s": times, "median_s": statistics.median(times), "cpu_s": statistics.median(cpu_times),
+            "last": result, "probes": probes}
+
+
+def mlx_gemm_probe(n: int = 1024):
+    """A function measuring one fp32 (n x n) @ (n x n) MLX matmul, in GFLOP/s."""
+    import mlx.core as mx
+
+    a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
+    mx.eval(a, b)
+
+    def probe() -> float:
+        tic = time.perf_counter()
+        mx.eval(a @ b)
+        return 2.0 * n**3 / (time.perf_counter() - tic) / 1e9
+
+    return probe
+
+
+def torch_gemm_probe(n: int = 1024):
+    """Like mlx_gemm_probe, through torch."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+
+    def probe() -> float:
+        tic = time.perf_counter()
+        a @ b
+        return 2.0 * n**3 / (time.perf_counter() - tic) / 1e9
+
+    return probe
