@@ -69,8 +69,8 @@ class PretrainConfig:
     # -- optimization
     iters: int = 800  # optimizer steps
     batch_size: int = 8  # windows per step (batch_size * seq_length tokens)
-    learning_rate: float = 3e-3  # peak AdamW learning rate
-    min_learning_rate: float = 3e-4  # where the cosine decay ends
+    learning_rate: float = 1e-3  # peak AdamW learning rate
+    min_learning_rate: float = 1e-4  # where the cosine decay ends
     warmup: int = 50  # linear warmup steps
     weight_decay: float = 0.1  # AdamW decoupled weight decay
     grad_clip: float = 1.0  # clip the global gradient norm
