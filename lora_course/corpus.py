@@ -18,7 +18,10 @@ on mlx's docstrings, so the base model must not have seen them.
 
 The recipe is deterministic for a given environment: modules are walked in sorted
 order, identical docstrings are kept once (first in that order), memory addresses in
-signatures are erased, and the held-out split is a seeded permutation of documents.
+signatures are erased, default values longer than 40 characters are written as
+``...`` (a default such as ``environ=os.environ`` would otherwise copy the process's
+environment variables into the corpus), and the held-out split is a seeded
+permutation of documents.
 Different package versions give a different (equally valid) corpus; the shipped
 model's ``training_log.json`` records the versions and the corpus hash.
 
@@ -55,6 +58,7 @@ SKIP_MODULES = {
     "numpy.f2py", "numpy.distutils", "matplotlib.testing", "matplotlib.backends", "tqdm.contrib",
 }
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+MAX_DEFAULT_REPR = 40  # longer default values in signatures are written as "..."
 
 
 @dataclass
@@ -110,11 +114,46 @@ def _import(name: str):
             return None
 
 
+class _Elided:
+    def __repr__(self) -> str:
+        return "..."
+
+
 def _signature(obj) -> str:
+    """The signature, with long default values elided: some defaults are evaluated at
+    import time and would put this process's state into the corpus (``cgi``'s
+    ``environ=os.environ`` prints every environment variable)."""
     try:
-        return _ADDRESS.sub("", str(inspect.signature(obj)))
+        sig = inspect.signature(obj)
     except (TypeError, ValueError):
         return ""
+    params = []
+    for p in sig.parameters.values():
+        default = p.default
+        if default is not p.empty and _machine_specific(default):
+            p = p.replace(default=_Elided())
+        params.append(p)
+    try:
+        text = str(sig.replace(parameters=params))
+    except ValueError:
+        return ""
+    return _ADDRESS.sub("", text)
+
+
+def _machine_specific(default) -> bool:
+    """Long reprs, the environment, and paths of this installation, home or cwd."""
+    text = _safe_repr(default)
+    if isinstance(default, os._Environ) or len(text) > MAX_DEFAULT_REPR:
+        return True
+    places = {sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.expanduser("~"), os.getcwd()}
+    return any(p in text for p in places if p and p != os.sep)
+
+
+def _safe_repr(value) -> str:
+    try:
+        return repr(value)
+    except Exception:  # noqa: BLE001  (a broken __repr__ must not stop the walk)
+        return "?" * (MAX_DEFAULT_REPR + 1)
 
 
 def _doc(obj) -> str:

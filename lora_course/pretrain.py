@@ -47,7 +47,7 @@ CURVE_FILE = "training_curve.png"
 SAMPLE_PROMPTS = (
     "statistics.trimmed_mean(data, proportion=0.1)\n\n",
     "numpy.rolling_sum(a, window, axis=-1)\n\n",
-    "Return a new",
+    "collections.RingBuffer(maxlen)\n\n",
 )
 
 

@@ -42,6 +42,20 @@ def test_corpus_documents_look_like_documentation():
     assert len(docs) == len(set(docs))
 
 
+def test_signatures_keep_this_machine_out_of_the_corpus(monkeypatch):
+    import os
+    import sys
+
+    from lora_course.corpus import _signature
+
+    monkeypatch.setenv("LORA_COURSE_TEST_SECRET", "do-not-train-on-me")
+
+    def f(a, environ=os.environ, exe=sys.executable, home=os.path.expanduser("~"), n=3, sep="/"):
+        pass
+
+    assert _signature(f) == "(a, environ=..., exe=..., home=..., n=3, sep='/')"
+
+
 def test_mlx_is_held_out():
     with pytest.raises(ValueError, match="held out"):
         module_names("mlx")
