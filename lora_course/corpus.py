@@ -39,9 +39,12 @@ import json
 import os
 import pkgutil
 import re
+import subprocess
 import sys
+import tempfile
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -206,26 +209,27 @@ def build_corpus(
     seed: int = 0,
     held_out=HELD_OUT,
     max_doc_chars: int = 6000,
+    isolated: bool = True,
 ) -> Corpus:
     """Walk ``packages`` and return their documentation, split into train and valid.
 
     ``max_doc_chars`` cuts very long pages (a few module docstrings are whole manuals)
-    at a paragraph boundary, so no single page dominates the corpus.
+    at a paragraph boundary, so no single page dominates the corpus. With ``isolated``
+    (the default) the modules are imported in a fresh Python process: the caller's own
+    imports and patches cannot change the text (IPython, for one, replaces ``input``
+    and ``pdb``), and the caller is not left holding hundreds of imported modules.
     """
     if not 0.0 < valid_fraction < 1.0:
         raise ValueError(f"corpus: valid_fraction={valid_fraction} must be between 0 and 1")
-    seen, docs, failed, walked = set(), [], [], 0
-    sources = []
+    packages, held_out = list(packages), list(held_out)
     for package in packages:
-        for name in module_names(package, held_out):
-            mod = _import(name)
-            if mod is None:
-                failed.append(name)
-                continue
-            walked += 1
-            sources += module_documents(mod)
-        if package == "stdlib":
-            sources += _pydoc_topics()
+        if package.split(".")[0] in held_out:
+            module_names(package, held_out)  # raises the "held out" error
+    if isolated:
+        sources, walked, failed = _walk_in_fresh_interpreter(packages, held_out)
+    else:
+        sources, walked, failed = walk(packages, held_out)
+    seen, docs = set(), []
     for _, text in sources:
         text = _truncate(text, max_doc_chars)
         key = text.split("\n\n", 1)[-1]  # the docstring itself: inherited copies go
@@ -239,8 +243,8 @@ def build_corpus(
     train = [docs[i] for i in sorted(order[n_valid:])]
     digest = hashlib.sha256("\x00".join(docs).encode()).hexdigest()
     stats = {
-        "packages": list(packages),
-        "held_out": list(held_out),
+        "packages": packages,
+        "held_out": held_out,
         "modules": walked,
         "import_failures": len(failed),
         "documents": len(docs),
@@ -252,6 +256,43 @@ def build_corpus(
         "seed": seed,
     }
     return Corpus(train=train, valid=valid, stats=stats)
+
+
+def walk(packages, held_out=HELD_OUT) -> tuple[list[tuple[str, str]], int, list[str]]:
+    """(name, document) pairs of ``packages`` in this process, modules imported, failures."""
+    sources, failed, walked = [], [], 0
+    for package in packages:
+        for name in module_names(package, held_out):
+            mod = _import(name)
+            if mod is None:
+                failed.append(name)
+                continue
+            walked += 1
+            sources += module_documents(mod)
+        if package == "stdlib":
+            sources += _pydoc_topics()
+    return sources, walked, failed
+
+
+def _walk_in_fresh_interpreter(packages, held_out):
+    """``walk`` in a new ``python`` process; the result comes back as a JSON file."""
+    root = str(Path(__file__).resolve().parent.parent)  # the directory holding lora_course/
+    child = ("import json, os, sys; sys.path[:] = [sys.argv[1]] + [p for p in sys.path if p not in ('', os.getcwd())]; "
+             "from lora_course.corpus import walk; "
+             "args = json.loads(sys.argv[2]); result = walk(args['packages'], args['held_out']); "
+             "open(sys.argv[3], 'w', encoding='utf-8').write(json.dumps(result))")
+    with tempfile.TemporaryDirectory(prefix="lora-course-corpus-") as tmp:
+        out = Path(tmp) / "sources.json"
+        env = {**os.environ, "PYTHONHASHSEED": "0", "LORA_COURSE_NO_BLAS": "1"}  # no MLX work here
+        proc = subprocess.run([sys.executable, "-c", child, root,
+                               json.dumps({"packages": packages, "held_out": held_out}), str(out)],
+                              env=env, cwd=tmp, capture_output=True, text=True)
+        if proc.returncode != 0 or not out.is_file():
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"corpus: walking {', '.join(packages)} in a fresh Python failed ({last}); "
+                               "try build_corpus(..., isolated=False) to see the full error")
+        sources, walked, failed = json.loads(out.read_text(encoding="utf-8"))
+    return [tuple(s) for s in sources], walked, failed
 
 
 def _truncate(text: str, limit: int) -> str:
