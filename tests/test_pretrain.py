@@ -32,6 +32,17 @@ def test_corpus_is_deterministic_and_split_by_seed():
     assert not set(a.train) & set(a.valid)
 
 
+def test_corpus_is_walked_in_a_fresh_process():
+    import sys
+
+    if "tabnanny" in sys.modules:
+        pytest.skip("tabnanny is already imported here")
+    isolated = build_corpus(["json", "tabnanny"], valid_fraction=0.2)
+    assert "tabnanny" not in sys.modules  # the walk imported it elsewhere
+    here = build_corpus(["json", "tabnanny"], valid_fraction=0.2, isolated=False)
+    assert isolated.train == here.train and isolated.stats == here.stats
+
+
 def test_corpus_documents_look_like_documentation():
     corpus = build_corpus(["json"], valid_fraction=0.2)
     docs = corpus.train + corpus.valid
