@@ -39,6 +39,9 @@ import mlx.nn as nn
 
 LOG2E = 1.4426950408889634  # log2(e) = 1 / ln(2)
 ENV = "LORA_COURSE_FAST_MATH"
+# Below this many elements the exponentials cost less than the extra ops of the fast path
+# (decoding one token: SiLU over one row, attention of one query), so MLX's op is used.
+SMALL = 16384
 _X86_LINUX = sys.platform.startswith("linux") and platform.machine().lower() in ("x86_64", "amd64")
 
 
@@ -116,7 +119,7 @@ def sigmoid(x: mx.array) -> mx.array:
 
 def silu(x: mx.array) -> mx.array:
     """x * sigmoid(x), the gate of a SwiGLU feed-forward."""
-    if not enabled():
+    if not enabled() or x.size < SMALL:
         return nn.silu(x)
     return _silu(_f32(x))[0].astype(x.dtype)
 
@@ -162,7 +165,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool)
     holds the earlier ones) and sees keys up to it. ``mx.fast.scaled_dot_product_attention``
     off the fast path.
     """
-    if not enabled():
+    if not enabled() or q.shape[2] * k.shape[2] * q.shape[1] < SMALL:  # e.g. decoding one token
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if causal else None)
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]

@@ -13,7 +13,18 @@ from lora_course import fastmath
 @pytest.fixture
 def fast(monkeypatch):
     monkeypatch.setenv(fastmath.ENV, "1")
+    monkeypatch.setattr(fastmath, "SMALL", 0)  # the fast path even for these small inputs
     assert fastmath.enabled()
+
+
+def test_small_inputs_use_the_mlx_op(monkeypatch):
+    monkeypatch.setenv(fastmath.ENV, "1")
+    x = mx.random.normal((1, 1, 64))  # one token's SiLU input
+    np.testing.assert_array_equal(np.array(fastmath.silu(x)), np.array(nn.silu(x)))
+    q, k = mx.random.normal((1, 4, 1, 16)), mx.random.normal((1, 4, 30, 16))  # decoding one token
+    np.testing.assert_array_equal(
+        np.array(fastmath.attention(q, k, k, 0.25, causal=False)),
+        np.array(mx.fast.scaled_dot_product_attention(q, k, k, scale=0.25)))
 
 
 def rel_err(a, b, floor=1e-6):
