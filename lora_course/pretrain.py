@@ -37,7 +37,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from lora_course.corpus import DEFAULT_PACKAGES, HELD_OUT, build_corpus, save_corpus
+from lora_course.corpus import DEFAULT_PACKAGES, HELD_OUT, _atomic_write, build_corpus, save_corpus
 from lora_course.model import Model, ModelArgs
 from lora_course.tree import tree_flatten
 
@@ -241,7 +241,7 @@ def pretrain(config: PretrainConfig | None = None, out: str | os.PathLike = "bas
     for name in (LOG_FILE, CURVE_FILE):  # ours; save() keeps only checkpoint files in `out`
         (out / name).unlink(missing_ok=True)
     save(model, tokenizer, out)
-    (out / LOG_FILE).write_text(json.dumps(log, indent=1) + "\n", encoding="utf-8")
+    _atomic_write(out / LOG_FILE, json.dumps(log, indent=1) + "\n")
     plot_curve(log, out / CURVE_FILE)
     say(f"saved {out}/ in {timings['total_s'] / 60:.1f} min")
     return log
@@ -294,8 +294,19 @@ def plot_curve(log: dict, path, ax=None):
     ax.grid(alpha=0.3)
     if fig is not None and path is not None:
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
+        save_figure(fig, path)
     return ax
+
+
+def save_figure(fig, path) -> None:
+    """``fig.savefig`` as PNG, atomically (a temp file in the same folder, then a rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        fig.savefig(tmp, dpi=100, format="png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -242,8 +242,10 @@ def plot_losses(results: dict, path=None, ax=None):
     ax.legend()
     ax.grid(alpha=0.3)
     if fig is not None and path is not None:
+        from lora_course.pretrain import save_figure
+
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
+        save_figure(fig, path)
     return ax
 
 
