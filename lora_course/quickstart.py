@@ -136,8 +136,7 @@ def quickstart(config: QuickstartConfig | None = None, progress: bool = True, ve
     if held is None:
         raise ValueError(f"{data_dir}: has no valid.jsonl or test.jsonl to measure held-out loss on")
     n_held = None if cfg.max_samples is None else max(cfg.batch_size, cfg.max_samples // 4)
-    train_set, valid_set, held = (_subset(splits.train, cfg.max_samples), _subset(splits.valid, n_held),
-                                  _subset(held, n_held))
+    train_set, held = _subset(splits.train, cfg.max_samples), _subset(held, n_held)
     questions = _questions(data_dir, cfg.questions)
     before_loss, before_ppl = evaluate(model, held, cfg.batch_size, -1, cfg.max_seq_length)
     before_answers = _answers(model, tokenizer, questions, cfg.answer_tokens)
@@ -146,7 +145,7 @@ def quickstart(config: QuickstartConfig | None = None, progress: bool = True, ve
     # 3. LoRA fine-tuning
     tic = time.perf_counter()
     result = finetune(
-        model=model, tokenizer=tokenizer, data=(train_set, valid_set), adapter_path=str(out / "adapters"),
+        model=model, tokenizer=tokenizer, data=(train_set, None), adapter_path=str(out / "adapters"),
         fine_tune_type="lora", rank=cfg.rank, alpha=cfg.alpha, num_layers=cfg.num_layers,
         iters=cfg.iters, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
         lr_schedule="cosine", warmup=min(10, cfg.iters), optimizer="adam", grad_clip=1.0,
