@@ -8,8 +8,9 @@ orchestrator stays neutral and each worker sets its own BLAS up first.
 
 Modules: ``configs`` (model shapes), ``flops`` (analytic FLOP counts), ``weights``
 (seeded random checkpoints shared by all peers), ``blas`` (per-process BLAS setup),
-``train_step`` (LoRA and QLoRA steps), ``generation``, ``gemm`` (the machine's
-measured GEMM rate), ``jobs`` (whole jobs: quickstart, notebooks), ``report``
-(table, JSON, plot), ``worker`` and ``run``. ``qlora_step.py`` is the quant
-helper's stand-alone QLoRA vs fp32 script. See ``benchmarks/README.md``.
+``measure`` (timing and peak memory inside a worker), ``train_step`` (LoRA and QLoRA
+steps), ``generation``, ``gemm`` (the machine's measured GEMM rate), ``jobs`` (whole
+jobs: quickstart, notebooks), ``summary`` (medians, ratios, checks, targets),
+``report`` (table and plot), ``worker`` and ``run``. ``qlora_step.py`` is a
+stand-alone QLoRA vs fp32 script. See ``benchmarks/README.md``.
 """

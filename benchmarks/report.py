@@ -1,7 +1,12 @@
-"""The results as a text table (for the terminal and the README) and a PNG plot."""
+"""The results as a text table (for the terminal and the README) and a PNG plot.
+
+    python -m benchmarks.report [benchmarks/results/results.json]   # print the README section again
+"""
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 PEER_LABELS = {
@@ -9,6 +14,7 @@ PEER_LABELS = {
     "mlx_lm_stock": "mlx-lm, stock BLAS",
     "mlx_lm_same_blas": "mlx-lm, same BLAS (MKL)",
     "torch_peft": "PyTorch + PEFT",
+    "torch_peft_1t": "PyTorch + PEFT, 1 thread",
 }
 BENCH_TITLES = {"lora": "LoRA training step", "qlora": "QLoRA (4-bit) training step",
                 "generation": "Greedy generation, batch 1"}
@@ -105,7 +111,7 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.2 * max(len(panels), 1), 4.2), squeeze=False)
     peers = list(PEER_LABELS)
     colors = {"lora_course": "#d62728", "mlx_lm_stock": "#7f7f7f", "mlx_lm_same_blas": "#1f77b4",
-              "torch_peft": "#ff7f0e"}
+              "torch_peft": "#ff7f0e", "torch_peft_1t": "#ffbb78"}
     for ax, (bench, key, title) in zip(axes[0], panels):
         sel = [r for r in rows if r["bench"] == bench and r.get(key)]
         configs = list(dict.fromkeys(r["config"] for r in sel))
@@ -132,3 +138,40 @@ def plot(results: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def versions_line(results: dict) -> str:
+    """One line naming the machine and the versions every worker reported."""
+    seen = {}
+    for row in results.get("rows", []):
+        seen.update(row.get("versions") or {})
+    m = results.get("machine", {})
+    load = m.get("load_average_at_start"), m.get("load_average_at_end")
+    parts = [f"{k} {v}" for k, v in sorted(seen.items())]
+    return (f"{m.get('cpu', m.get('processor', '?'))}, {m.get('cores')} cores, {m.get('memory_gib', '?')} GiB, "
+            f"{m.get('platform', '?')}; load average (1/5/15 min) {load[0]} at start, {load[1]} at the end; "
+            + ", ".join(parts))
+
+
+def readme_section(results: dict) -> str:
+    """The README's "Performance" section: command, machine and versions, tables, plot."""
+    return "\n\n".join([
+        "## Performance",
+        f"`{results.get('command', 'python -m benchmarks.run')}` on {results.get('created', '?')}: "
+        f"{results.get('rounds')} alternating rounds, medians (see `benchmarks/README.md` for what is "
+        "measured and how).",
+        f"Machine and versions: {versions_line(results)}.",
+        table(results),
+        "![lora_course vs mlx-lm and PyTorch + PEFT](benchmarks/results/results.png)",
+    ])
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    path = Path(argv[0] if argv else Path(__file__).parent / "results" / "results.json")
+    print(readme_section(json.loads(path.read_text())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,6 +15,10 @@ linears of every block, and one Adam update (lr 1e-4, no weight decay).
 - ``torch_peft``: ``transformers.LlamaForCausalLM`` + ``peft.get_peft_model``, fp32,
   eager, ``torch.optim.Adam``, ``torch.set_num_threads(<cores>)``. PEFT's 4-bit
   QLoRA needs bitsandbytes and a CUDA GPU, so it has no CPU QLoRA row.
+- ``torch_peft_1t``: the same with one thread. On our shared 2-core machine PyTorch's
+  GNU OpenMP made 2-thread GEMMs of these shapes 5-20x slower than 1-thread ones when
+  another process held a core (measured: 512x256 @ 256x256 took 20 ms on 2 threads,
+  0.9 ms on 1), so we show both and compare against the faster.
 
 Quantization (QLoRA): 4-bit affine, group 64, every block linear; the embedding and
 the output head stay float32 in both MLX peers (lora_course's default predicate).
@@ -192,7 +196,7 @@ def run_torch_peft(cfg, weights_path, data_path, quant: bool) -> dict:
     import torch
     import torch.nn.functional as F
 
-    torch.set_num_threads(cores())
+    torch.set_num_threads(cfg.extra.get("torch_threads", cores()))
     model = build_peft_model(cfg, weights_path)
     model.train()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)

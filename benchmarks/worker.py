@@ -18,7 +18,9 @@ PEERS = {
     "mlx_lm_stock": ("stock", "mlx_lm"),
     "mlx_lm_same_blas": ("same", "mlx_lm"),
     "torch_peft": ("torch", "torch_peft"),
+    "torch_peft_1t": ("torch", "torch_peft"),  # one thread: see train_step.py
 }
+PEER_EXTRA = {"torch_peft_1t": {"torch_threads": 1}}
 GEMM_PEERS = {"mlx": "lora_course", "numpy": "stock", "torch": "torch"}
 MARKER = "BENCH_RESULT "
 
@@ -38,6 +40,7 @@ def run(spec: dict) -> dict:
 
     bench, peer = spec["bench"], spec["peer"]
     cfg = BenchConfig.from_dict(spec["config"])
+    cfg.extra.update(PEER_EXTRA.get(spec["peer"], {}))
     if bench == "gemm":
         kind, impl = GEMM_PEERS[peer], peer
     else:
