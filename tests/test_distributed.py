@@ -39,7 +39,7 @@ WORKER = textwrap.dedent(
         toks = [int(t) for t in rng.integers(1, 64, int(rng.integers(4, 30)))]
         return toks, [0] * (len(toks) // 3) + [1] * (len(toks) - len(toks) // 3)
     train_set, val_set = [sample() for _ in range(24)], [sample() for _ in range(7)]
-    args = TrainingArgs(iters=8, batch_size=8, grad_accumulation_steps=2, learning_rate=1e-2,
+    args = TrainingArgs(iters=8, batch_size=8, grad_accumulation_steps=2, learning_rate=0.5, optimizer="sgd",
                         grad_clip=1.0, steps_per_report=2, steps_per_eval=4, val_batches=-1,
                         save_every=4, adapter_path=adapter_path)
     reports = []
@@ -80,11 +80,12 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     assert r0["losses"] == r1["losses"] and r0["evals"] == r1["evals"]
     # ...and match the single process run with the same global batch
     np.testing.assert_allclose(r0["losses"], one["losses"], rtol=0, atol=1e-5)
-    # Validation runs after the last update. Adam divides by sqrt(v), so a gradient entry
-    # near zero turns last-bit summation differences into visible parameter differences
-    # (we measured up to 4e-5 here); training losses stay within 2e-6.
-    np.testing.assert_allclose(r0["evals"], one["evals"], rtol=0, atol=2e-4)
-    assert r0["test_loss"] == pytest.approx(one["test_loss"], abs=2e-4)
+    # SGD, not Adam: Adam divides by sqrt(v), so for a gradient entry near zero the update's
+    # sign follows last-bit summation differences (one CI run saw validation losses 2.4e-4
+    # apart). SGD's update is linear in the gradient, so the runs agree to float rounding.
+    assert one["evals"][-1] < one["evals"][0] - 5e-3  # it learned: the updates were not negligible
+    np.testing.assert_allclose(r0["evals"], one["evals"], rtol=0, atol=1e-5)
+    assert r0["test_loss"] == pytest.approx(one["test_loss"], abs=1e-5)
     assert r0["tokens"] == one["tokens"]  # token counts are summed over ranks
     assert r0["reports"] == 4 and r1["reports"] == 0  # callbacks run on rank 0 only
     assert sorted(p.name for p in (tmp_path / "a2").iterdir()) == sorted(p.name for p in (tmp_path / "a1").iterdir())
