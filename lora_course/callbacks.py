@@ -5,10 +5,54 @@ after every validation (only on rank 0). Any object with either method is a call
 there is no base class to inherit. ``LivePlot`` redraws its figure in place in
 Jupyter (one output, updated) and does nothing visible elsewhere; ``plot_history``
 draws a finished ``TrainingHistory``, the static twin of the live plot.
-Used in notebooks 10 and 11.
+Used in notebooks 10 and 11. The small helpers below also draw the loss curves that
+``lora-course pretrain`` and ``lora-course quickstart`` save as PNGs.
 """
 
 from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from lora_course import atomic
+
+
+def new_figure(figsize=(6.4, 3.6)):
+    """A matplotlib Figure and its axes, made without pyplot (no GUI backend): for scripts."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots()
+
+
+def plot_train_loss(ax, losses, points: int = 40, alpha: float = 0.25) -> None:
+    """Every step's train loss, faint, and its moving average over about len/points steps."""
+    losses = np.asarray(losses, dtype=float)
+    steps = np.arange(1, len(losses) + 1)
+    ax.plot(steps, losses, color="tab:blue", alpha=alpha, lw=0.8)
+    k = max(1, len(losses) // points)
+    if len(losses):
+        ax.plot(steps[k - 1 :], np.convolve(losses, np.ones(k) / k, mode="valid"), color="tab:blue",
+                label="train loss (moving average)")
+
+
+def finish_axes(ax, title: str, ylabel: str = "loss (nats / token)") -> None:
+    """Axis labels, title, grid, and a legend when anything is labelled."""
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend()
+
+
+def save_png(fig, path) -> None:
+    """The figure as a PNG file, written atomically (see ``atomic.py``)."""
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, dpi=100, format="png")
+    atomic.write_bytes(path, buf.getvalue())
 
 
 def _axes_with_losses(ax, train_steps, train_losses, val_steps, val_losses, title):
@@ -16,12 +60,7 @@ def _axes_with_losses(ax, train_steps, train_losses, val_steps, val_losses, titl
         ax.plot(train_steps, train_losses, label="train", color="tab:blue")
     if val_steps:
         ax.plot(val_steps, val_losses, "o-", label="validation", color="tab:orange")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if train_steps or val_steps:
-        ax.legend()
+    finish_axes(ax, title, ylabel="loss")
 
 
 def plot_history(history, title: str = "training", ax=None):

@@ -305,15 +305,10 @@ def _truncate(text: str, limit: int) -> str:
 def save_corpus(corpus: Corpus, out_dir: str) -> None:
     """Write ``train.jsonl`` / ``valid.jsonl`` ({"text": document} per line, the shape
     ``load_dataset`` reads) and ``stats.json``; each file written atomically."""
+    from lora_course import atomic
+
     os.makedirs(out_dir, exist_ok=True)
     for split in ("train", "valid"):
         lines = "".join(json.dumps({"text": d}) + "\n" for d in getattr(corpus, split))
-        _atomic_write(os.path.join(out_dir, f"{split}.jsonl"), lines)
-    _atomic_write(os.path.join(out_dir, "stats.json"), json.dumps(corpus.stats, indent=2) + "\n")
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+        atomic.write_text(os.path.join(out_dir, f"{split}.jsonl"), lines)
+    atomic.write_text(os.path.join(out_dir, "stats.json"), json.dumps(corpus.stats, indent=2) + "\n")

@@ -37,7 +37,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from lora_course.corpus import DEFAULT_PACKAGES, HELD_OUT, _atomic_write, build_corpus, save_corpus
+from lora_course.callbacks import finish_axes, new_figure, plot_train_loss, save_png
+from lora_course import atomic
+from lora_course.corpus import DEFAULT_PACKAGES, HELD_OUT, build_corpus, save_corpus
 from lora_course.model import Model, ModelArgs
 from lora_course.tree import tree_flatten
 
@@ -241,7 +243,7 @@ def pretrain(config: PretrainConfig | None = None, out: str | os.PathLike = "bas
     for name in (LOG_FILE, CURVE_FILE):  # ours; save() keeps only checkpoint files in `out`
         (out / name).unlink(missing_ok=True)
     save(model, tokenizer, out)
-    _atomic_write(out / LOG_FILE, json.dumps(log, indent=1) + "\n")
+    atomic.write_text(out / LOG_FILE, json.dumps(log, indent=1) + "\n")
     plot_curve(log, out / CURVE_FILE)
     say(f"saved {out}/ in {timings['total_s'] / 60:.1f} min")
     return log
@@ -273,40 +275,16 @@ def _versions() -> dict:
 def plot_curve(log: dict, path, ax=None):
     """Train loss per step (light), its moving average, and validation loss (dots)."""
     fig = None
-    if ax is None:  # a Figure without pyplot: no GUI backend involved
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(6.4, 3.6))
-        ax = fig.subplots()
-    losses = np.array(log["train_loss"])
-    steps = np.arange(1, len(losses) + 1)
-    ax.plot(steps, losses, color="tab:blue", alpha=0.25, lw=0.8)
-    k = max(1, len(losses) // 40)
-    smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
-    ax.plot(steps[k - 1 :], smooth, color="tab:blue", label="train (moving average)")
+    if ax is None:
+        fig, ax = new_figure()
+    plot_train_loss(ax, log["train_loss"], points=40)
     ev = log["evals"]
     ax.plot([e["step"] for e in ev], [e["val_loss"] for e in ev], "o-", color="tab:orange", label="held-out")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / token)")
-    ax.set_title(f"pretraining: {log['parameters'] / 1e6:.1f}M parameters, "
-                 f"final held-out perplexity {log['final_val_perplexity']:.1f}")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    finish_axes(ax, f"pretraining: {log['parameters'] / 1e6:.1f}M parameters, "
+                    f"final held-out perplexity {log['final_val_perplexity']:.1f}")
     if fig is not None and path is not None:
-        fig.tight_layout()
-        save_figure(fig, path)
+        save_png(fig, path)
     return ax
-
-
-def save_figure(fig, path) -> None:
-    """``fig.savefig`` as PNG, atomically (a temp file in the same folder, then a rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        fig.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- CLI

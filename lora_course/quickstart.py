@@ -27,6 +27,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from lora_course.callbacks import finish_axes, new_figure, plot_train_loss, save_png
+
 RESULTS_FILE = "results.json"
 CURVE_FILE = "loss_curve.png"
 
@@ -218,33 +220,16 @@ def _flat(text: str) -> str:
 
 def plot_losses(results: dict, path=None, ax=None):
     """Train loss per step, with the held-out loss before and after as two markers."""
-    import numpy as np
-
     fig = None
     if ax is None:
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(6.4, 3.6))
-        ax = fig.subplots()
-    losses = np.array(results["train_loss"])
-    steps = np.arange(1, len(losses) + 1)
-    ax.plot(steps, losses, color="tab:blue", alpha=0.3, lw=0.8)
-    k = max(1, len(losses) // 20)
-    if len(losses) >= k:
-        ax.plot(steps[k - 1 :], np.convolve(losses, np.ones(k) / k, mode="valid"), color="tab:blue",
-                label="train loss (moving average)")
+        fig, ax = new_figure()
+    plot_train_loss(ax, results["train_loss"], points=20, alpha=0.3)
     ax.plot([0], [results["before"]["loss"]], "o", color="tab:red", ms=8, label="held-out loss before")
-    ax.plot([len(losses)], [results["after"]["loss"]], "o", color="tab:green", ms=8, label="held-out loss after")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / token)")
-    ax.set_title(f"LoRA fine-tuning: held-out loss {results['loss_reduction']:.0%} lower")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    ax.plot([len(results["train_loss"])], [results["after"]["loss"]], "o", color="tab:green", ms=8,
+            label="held-out loss after")
+    finish_axes(ax, f"LoRA fine-tuning: held-out loss {results['loss_reduction']:.0%} lower")
     if fig is not None and path is not None:
-        from lora_course.pretrain import save_figure
-
-        fig.tight_layout()
-        save_figure(fig, path)
+        save_png(fig, path)
     return ax
 
 

@@ -55,3 +55,11 @@ def test_info_reports_the_blas():
     out = subprocess.run([sys.executable, "-m", "lora_course.cli", "info"], capture_output=True, text=True, check=True)
     assert "blas" in out.stdout and "mlx" in out.stdout
     assert ("MKL" in out.stdout) or ("OpenBLAS" in out.stdout)
+
+
+def test_a_chosen_blas_that_cannot_load_is_named_and_the_next_one_used(tmp_path):
+    broken = tmp_path / "libbroken.so"
+    broken.write_bytes(b"not a shared library")
+    fast, stderr = run_probe(LORA_COURSE_BLAS=str(broken))
+    assert f"LORA_COURSE_BLAS={broken} could not be loaded" in stderr
+    assert fast["loaded"] and fast["loaded"] != str(broken)  # fell back to the next candidate
