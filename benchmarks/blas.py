@@ -22,6 +22,7 @@ Every worker checks its matmuls against numpy: ``check_matmul``.
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.util
 import os
 import sys
@@ -30,6 +31,7 @@ from pathlib import Path
 KINDS = ("lora_course", "same", "stock", "torch")
 
 
+@functools.lru_cache(maxsize=None)
 def lora_course_blas_module():
     """``lora_course/_blas.py`` as a module, without running ``lora_course/__init__.py``."""
     spec = importlib.util.find_spec("lora_course")
@@ -90,14 +92,9 @@ def check_matmul() -> float:
 
 
 def mapped_blas() -> list[str]:
-    """Basenames of BLAS-like libraries mapped into this process (Linux; [] elsewhere)."""
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if ".so" in line}
-    except OSError:
-        return []
-    keys = ("blas", "mkl_", "libmlx", "libgomp", "libiomp")
-    return sorted({os.path.basename(p) for p in paths if any(k in os.path.basename(p) for k in keys)})
+    """Basenames of the BLAS, MKL, MLX and OpenMP libraries mapped into this process."""
+    found = lora_course_blas_module().mapped_blas_libraries(keys=("blas", "mkl_", "libmlx", "libgomp", "libiomp"))
+    return sorted({os.path.basename(p) for p in found})
 
 
 def mlx_gemm_gflops(n: int = 512, reps: int = 3) -> float:

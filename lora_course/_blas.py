@@ -99,14 +99,14 @@ def load_optimized_blas() -> str | None:
     return None
 
 
-def mapped_blas_libraries() -> list[str]:
-    """BLAS-like shared libraries mapped into this process (Linux only)."""
+def mapped_blas_libraries(keys=("blas", "mkl_rt", "mkl_core", "libmlx")) -> list[str]:
+    """Shared libraries mapped into this process whose file name holds one of ``keys``
+    (by default the BLAS-like ones; Linux only, [] elsewhere)."""
     try:
         with open("/proc/self/maps") as f:
             paths = {line.split()[-1] for line in f if ".so" in line}
     except OSError:
         return []
-    keys = ("blas", "mkl_rt", "mkl_core", "libmlx")
     return sorted(p for p in paths if any(k in os.path.basename(p) for k in keys))
 
 
