@@ -1,13 +1,13 @@
 """Set up a worker process's BLAS before ``mlx.core`` is imported, and say what it got.
 
 The Linux ``mlx[cpu]`` wheel calls whatever ``cblas_sgemm`` is first in the global
-symbol scope; ``lora_course`` loads MKL there on import (``lora_course/_blas.py``).
+symbol scope; ``lora_course`` loads MKL there on import (``lora_course/blas.py``).
 To compare like for like, mlx-lm runs twice:
 
 - ``stock``: nothing preloaded, MLX's bundled reference BLAS (what a user gets);
-- ``same``:  the library ``lora_course`` would load, found by ``lora_course._blas
+- ``same``:  the library ``lora_course`` would load, found by ``lora_course.blas
   .candidates()`` and loaded with ``RTLD_GLOBAL``, without importing ``lora_course``
-  itself (its ``__init__`` would import mlx). We load ``_blas.py`` by file path.
+  itself (its ``__init__`` would import mlx). We load ``blas.py`` by file path.
 
 MKL picks its threading layer at its first call: Intel OpenMP in a lora_course
 process, whose first matmul comes before anything imports torch. mlx-lm imports
@@ -33,12 +33,12 @@ KINDS = ("lora_course", "same", "stock", "torch")
 
 @functools.lru_cache(maxsize=None)
 def lora_course_blas_module():
-    """``lora_course/_blas.py`` as a module, without running ``lora_course/__init__.py``."""
+    """``lora_course/blas.py`` as a module, without running ``lora_course/__init__.py``."""
     spec = importlib.util.find_spec("lora_course")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("lora_course is not importable; run from the repository root or "
                            "`pip install -e .`")
-    path = Path(list(spec.submodule_search_locations)[0]) / "_blas.py"
+    path = Path(list(spec.submodule_search_locations)[0]) / "blas.py"
     module_spec = importlib.util.spec_from_file_location("_bench_lora_course_blas", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)  # stdlib only: ctypes, glob, os
@@ -53,7 +53,7 @@ def setup(kind: str) -> str | None:
         raise RuntimeError("blas.setup must run before mlx.core is imported")
     if kind == "lora_course":
         import lora_course  # noqa: F401  (its own preload)
-        from lora_course import _blas
+        from lora_course import blas as _blas
 
         return _blas.STATE["loaded"]
     if kind == "same":

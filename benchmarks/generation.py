@@ -1,7 +1,7 @@
 """Greedy generation, batch 1: prompt processing and decoding tokens/s.
 
 The same weights (``weights.py``) and the same random prompt go to
-``lora_course.generate.generate_tokens`` and to ``mlx_lm.generate.generate_step``
+``lora_course.model.generate.generate_tokens`` and to ``mlx_lm.generate.generate_step``
 (greedy: mlx-lm's default sampler is argmax). Each run is timed from the call to
 the first new token (prompt processing, "prefill": prompt_len / that time) and from
 the first to the last new token (decoding: (gen_tokens - 1) / that time), in wall time
@@ -53,7 +53,7 @@ def _timed(generate_ids, cfg) -> dict:
 
 def run_lora_course(cfg, weights_path, data_path, quant: bool = False) -> dict:
     from lora_course import Model, ModelArgs
-    from lora_course.generate import generate_tokens
+    from lora_course.model.generate import generate_tokens
 
     args = ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, hidden_dim=cfg.hidden_dim, n_heads=cfg.n_heads,
                      vocab_size=cfg.vocab_size)

@@ -36,7 +36,9 @@ def run_variant(opts) -> dict:
     import mlx.optimizers as optim
 
     from lora_course import Model, ModelArgs, apply_lora
-    from lora_course.quant import DequantLinear, model_size, quantize_model
+    from lora_course.quant.dequant import DequantLinear
+    from lora_course.quant.size import model_size
+    from lora_course.quant.layers import quantize_model
 
     mx.random.seed(0)
     args = ModelArgs(dim=opts.dim, n_layers=opts.layers, hidden_dim=opts.hidden, n_heads=opts.heads,

@@ -4,8 +4,8 @@ Every peer does the same work: forward over (batch, seq) random tokens, mean
 cross-entropy over all positions, gradients for the rank-r adapters on all seven
 linears of every block, and one Adam update (lr 1e-4, no weight decay).
 
-- ``lora_course``: ``lora_course.step.make_step`` (the trainer's step: accumulate,
-  normalize by tokens, grad norm, update) compiled the way ``lora_course.trainer``
+- ``lora_course``: ``lora_course.training.step.make_step`` (the trainer's step: accumulate,
+  normalize by tokens, grad norm, update) compiled the way ``lora_course.training.trainer``
   compiles it, with ``apply_lora`` and, for QLoRA, ``quantize_model`` (DequantLinear).
 - ``mlx_lm``: ``mlx_lm.models.llama.Model``, ``mlx_lm.tuner.utils.linear_to_lora_layers``,
   ``mlx_lm.tuner.trainer.default_loss``, ``nn.value_and_grad`` and ``optim.Adam``, with the
@@ -67,8 +67,8 @@ def run_lora_course(cfg, weights_path, data_path, quant: bool) -> dict:
     import mlx.optimizers as optim
 
     from lora_course import Model, ModelArgs, apply_lora, quantize_model
-    from lora_course.step import make_step
-    from lora_course.trainer import loss
+    from lora_course.training.step import make_step
+    from lora_course.training.evaluate import loss
 
     args = ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, hidden_dim=cfg.hidden_dim, n_heads=cfg.n_heads,
                      vocab_size=cfg.vocab_size)
@@ -82,7 +82,7 @@ def run_lora_course(cfg, weights_path, data_path, quant: bool) -> dict:
     optimizer = optim.Adam(learning_rate=1e-4)
     optimizer.init(model.trainable_parameters())
 
-    # As lora_course.trainer.train does it: make_step, then compile with the state.
+    # As lora_course.training.trainer.train does it: make_step, then compile with the state.
     _, update = make_step(model, optimizer, loss)
     state = [model.state, optimizer.state, mx.random.state]
     mx.eval(state)

@@ -11,6 +11,9 @@ from __future__ import annotations
 import inspect
 import platform
 
+from lora_course import blas
+from lora_course.version import __version__
+
 
 def show(obj) -> None:
     """Display the source of ``obj`` as a highlighted code block (plain text outside Jupyter)."""
@@ -27,12 +30,10 @@ def show(obj) -> None:
 
 def versions() -> None:
     """Print the versions that matter for reproducing a notebook's outputs."""
-    import lora_course
-    from lora_course import _blas
 
     import mlx.core as mx
     import numpy as np
 
-    print(f"python {platform.python_version()} | lora_course {lora_course.__version__} | "
+    print(f"python {platform.python_version()} | lora_course {__version__} | "
           f"mlx {mx.__version__} | numpy {np.__version__}")
-    print(f"device: {mx.default_device()} | blas: {_blas.blas_in_use()}")
+    print(f"device: {mx.default_device()} | blas: {blas.blas_in_use()}")

@@ -10,8 +10,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from lora_course.adapters import AdapterError, convert_peft_adapter, load_adapters, save_adapters
-from lora_course.lora import LoRALinear, apply_lora
+from lora_course.adapters.files import AdapterError, convert_peft_adapter, load_adapters, save_adapters
+from lora_course.adapters.lora import LoRALinear
+from lora_course.adapters.apply import apply_lora
 from lora_course.tree import tree_flatten
 
 TOKENS = mx.array([[3, 1, 4, 1, 5, 9, 2, 6]])
@@ -270,7 +271,7 @@ def checkpoint(fresh, tmp_path):
 
 @pytest.mark.parametrize("quantized,flags", [(False, []), (True, ["--de-quantize"]), (True, [])])
 def test_fuse_command_writes_a_standalone_model(checkpoint, tmp_path, quantized, flags):
-    from lora_course.cli import main
+    from lora_course.recipes.cli import main
 
     if quantized:
         checkpoint = lc.convert(hf_path=checkpoint, mlx_path=tmp_path / "q4", quantize=True,
@@ -293,7 +294,7 @@ def test_fuse_command_writes_a_standalone_model(checkpoint, tmp_path, quantized,
 
 
 def test_fuse_command_reports_a_bad_adapter_in_one_line(checkpoint, tmp_path, capsys):
-    from lora_course.cli import main
+    from lora_course.recipes.cli import main
 
     (tmp_path / "ad").mkdir()
     rc = main(["fuse", "--model", str(checkpoint), "--adapter-path", str(tmp_path / "ad"),

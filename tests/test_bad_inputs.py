@@ -47,10 +47,11 @@ from lora_course import (
     train,
     train_tokenizer,
 )
-from lora_course.cli import main
+from lora_course.recipes.cli import main
 from lora_course.config import ConfigError
-from lora_course.tokenizer import Tokenizer, TokenizerError
-from lora_course.trainer import TrainingDivergedError, loss
+from lora_course.tokenizer.spm import Tokenizer, TokenizerError
+from lora_course.training.trainer import TrainingDivergedError
+from lora_course.training.evaluate import loss
 
 VOCAB = 400  # byte fallback needs 256 byte pieces plus the characters
 WORDS = "the model layer token weight rank def return import self for in if else".split()
@@ -518,7 +519,7 @@ def nan_mid_training(env):
                         adapter_path=str(out), compile=False)
 
     def after(err):
-        from lora_course import checkpointing as ckpt
+        from lora_course.training import resume as ckpt
 
         assert ckpt.load_training_state(out)[2]["step"] == 4  # the last good checkpoint was kept
         load_adapters(tiny_model(dim=32, vocab=64), out)
@@ -692,7 +693,7 @@ def test_the_cli_table_is_large_enough():
 @pytest.mark.parametrize("name", ["cli_yaml_unknown_key", "cli_train_on_malformed_data"])
 def test_cli_in_a_real_process_exits_non_zero_without_traceback(name, assets, tmp_path):
     argv, words = CLI_CASES[name](Env(assets, tmp_path))
-    result = subprocess.run([sys.executable, "-m", "lora_course.cli", *map(str, argv)],
+    result = subprocess.run([sys.executable, "-m", "lora_course", *map(str, argv)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]

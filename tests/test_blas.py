@@ -11,7 +11,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="th
 PROBE = r"""
 import json, os, sys
 import lora_course
-from lora_course import _blas
+from lora_course import blas as _blas
 import mlx.core as mx, numpy as np
 rng = np.random.default_rng(0)
 a = rng.standard_normal((256, 192), dtype=np.float32)
@@ -52,7 +52,7 @@ def test_importing_mlx_first_warns_once_with_the_fix():
 
 
 def test_info_reports_the_blas():
-    out = subprocess.run([sys.executable, "-m", "lora_course.cli", "info"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "lora_course", "info"], capture_output=True, text=True, check=True)
     assert "blas" in out.stdout and "mlx" in out.stdout
     assert ("MKL" in out.stdout) or ("OpenBLAS" in out.stdout)
 

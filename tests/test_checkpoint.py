@@ -14,13 +14,14 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from lora_course import CheckpointError, Model, ModelArgs, generate, load, save, stream_generate
+from lora_course import CheckpointError, Model, ModelArgs, load, save, stream_generate
+from lora_course.model import generate as generate
 from lora_course import atomic
 from lora_course import checkpoint as ck
-from lora_course import conversion
-from lora_course.cli import main
-from lora_course.generate import _DiffDetokenizer, _detokenize, filter_logits, generate_tokens, sample
-from lora_course.tokenizer import train_tokenizer
+from lora_course.recipes import convert as conversion
+from lora_course.recipes.cli import main
+from lora_course.model.generate import DiffDetokenizer, detokenize, filter_logits, generate_tokens, sample
+from lora_course.tokenizer.spm import train_tokenizer
 
 WORDS = "the model layer token weight rank def return import self for in if else".split()
 VOCAB = 400  # byte fallback needs 256 byte pieces plus the characters
@@ -326,7 +327,7 @@ def test_missing_directory_tokenizer_and_base(saved, tmp_path, monkeypatch):
     (c / "tokenizer.model").unlink()
     with pytest.raises(CheckpointError, match="no tokenizer.model"):
         load(c)
-    monkeypatch.setattr(ck, "BASE_DIR", tmp_path / "assets" / "base")
+    monkeypatch.setattr(ck.files, "BASE_DIR", tmp_path / "assets" / "base")
     with pytest.raises(CheckpointError, match="base model is not there"):
         load()
 
@@ -351,7 +352,7 @@ def test_greedy_generation_matches_uncached_argmax(saved):
 
 
 def test_long_prompt_prefills_in_chunks(saved, monkeypatch):
-    g = importlib.import_module("lora_course.generate")  # the attribute is the function
+    g = importlib.import_module("lora_course.model.generate")  # the attribute is the function
 
     model, tok = load(saved)
     prompt = [1] + list(range(3, 40))
@@ -397,9 +398,9 @@ def test_multibyte_pieces_stream_whole_characters(tok):
     text = "caf\u00e9 \U0001f642 \u65e5\u672c"  # é, an emoji and two CJK characters: byte pieces
     ids = tok.encode(text, bos=False)
     assert any(tok.sp.is_byte(i) for i in ids)
-    for detok in (None, _DiffDetokenizer(tok)):
+    for detok in (None, DiffDetokenizer(tok)):
         if detok is None:
-            pieces = list(_detokenize(tok, ids, at_start=True))
+            pieces = list(detokenize(tok, ids, at_start=True))
         else:
             pieces = [p for p in (detok.add(i) for i in ids) if p] + [detok.finalize()]
         assert "".join(pieces) == text
@@ -443,7 +444,7 @@ def test_cli_convert_and_generate(saved, tmp_path, capsys):
 
 def test_cli_generate_with_adapters(saved, tmp_path, capsys):
     from lora_course import apply_lora
-    from lora_course.adapters import save_adapters
+    from lora_course.adapters.files import save_adapters
 
     model, tok = load(saved)
     apply_lora(model, num_layers=2, rank=4)
@@ -467,7 +468,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 def test_cli_generate_subprocess(saved):
     result = subprocess.run(
-        [sys.executable, "-m", "lora_course.cli", "generate", "--model", str(saved), "-p", "import",
+        [sys.executable, "-m", "lora_course", "generate", "--model", str(saved), "-p", "import",
          "-n", "5", "--temp", "0.7", "--seed", "1"],
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

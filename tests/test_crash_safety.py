@@ -51,8 +51,8 @@ from lora_course import (
     train_tokenizer,
 )
 from lora_course import atomic
-from lora_course import checkpointing as ckpt
-from lora_course.tokenizer import Tokenizer
+from lora_course.training import resume as ckpt
+from lora_course.tokenizer.spm import Tokenizer
 
 # ----------------------------------------------------------------------------- a failing disk
 

@@ -13,7 +13,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from lora_course import DatasetError, TokenizedDataset, load_dataset, train_tokenizer
-from lora_course.data import DatasetWarning
+from lora_course.data.records import DatasetWarning
 
 WORDS = ("the a of model layer token weight rank alpha train loss data batch user "
          "assistant system what is hello yes no def return x y").split()

@@ -10,7 +10,7 @@ import lora_course  # noqa: F401  (BLAS before mlx)
 import numpy as np
 import pytest
 
-from lora_course.distributed import launch, launcher
+from lora_course.training.distributed import launch, launcher
 
 WORKER = textwrap.dedent(
     """
@@ -18,9 +18,12 @@ WORKER = textwrap.dedent(
     import lora_course
     import mlx.core as mx
     import numpy as np
-    from lora_course import Model, ModelArgs, checkpointing
-    from lora_course.lora import apply_lora
-    from lora_course.trainer import TrainingArgs, evaluate, train
+    from lora_course import Model, ModelArgs
+    from lora_course.training import resume as checkpointing
+    from lora_course.adapters.apply import apply_lora
+    from lora_course.training.args import TrainingArgs
+    from lora_course.training.evaluate import evaluate
+    from lora_course.training.trainer import train
 
     out, adapter_path = sys.argv[1], sys.argv[2]
     group = mx.distributed.init()

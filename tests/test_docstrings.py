@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 from lora_course import build_docstring_dataset, load_dataset, train_tokenizer
-from lora_course.cli import main
+from lora_course.recipes.cli import main
 
 PKG = "lc_fakepkg"
 FILES = {

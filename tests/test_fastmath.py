@@ -7,7 +7,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from lora_course import fastmath
+from lora_course.model import fastmath as fastmath
 
 
 @pytest.fixture

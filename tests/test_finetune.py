@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from lora_course import Model, ModelArgs, load, save, train_tokenizer
-from lora_course.checkpointing import load_training_state
-from lora_course.cli import build_parser, main
+from lora_course.training.resume import load_training_state
+from lora_course.recipes.cli import build_parser, main
 from lora_course.config import ConfigError
-from lora_course.finetune import FineTuneConfig, FineTuneResult, finetune
-from lora_course.train_cli import build_config
+from lora_course.recipes.finetune import FineTuneConfig, FineTuneResult, finetune
+from lora_course.recipes.train_cli import build_config
 
 WORDS = "the model layer token weight rank alpha learns fast slow small big".split()
 

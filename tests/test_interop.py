@@ -165,7 +165,7 @@ def test_peft_adapter_imports_with_equal_logits(hf_dir, tmp_path, kind, rslora):
 
 @pytest.mark.parametrize("kind,quantized", [("lora", False), ("dora", False), ("lora", True)])
 def test_fused_hf_export_loads_in_transformers(hf_dir, tmp_path, kind, quantized):
-    from lora_course.cli import main
+    from lora_course.recipes.cli import main
 
     model_dir = hf_dir
     if quantized:

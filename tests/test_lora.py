@@ -9,8 +9,9 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from lora_course.dora import DoRALinear, dora_reference, row_norms
-from lora_course.lora import LoRAConfig, LoRALinear, apply_lora, count_parameters, fuse
+from lora_course.adapters.dora import DoRALinear, dora_reference, row_norms
+from lora_course.adapters.apply import LoRAConfig, apply_lora, count_parameters, fuse
+from lora_course.adapters.lora import LoRALinear
 from lora_course.tree import tree_flatten
 
 
@@ -90,7 +91,7 @@ def test_fast_forward_matches_plain_math(cls, base):
     layer = randomize(cls.from_linear(make_linear(**base), rank=4))
     assert max_err(layer(X), layer.reference(X)) <= 1e-5
     # and the plain math is the textbook formula on the dense weight
-    w = lc.lora.dense_weight(layer.linear)
+    w = lc.quant.layers.dense_weight(layer.linear)
     if cls is LoRALinear:
         expected = X @ w.T + layer.scale * (X @ layer.lora_a @ layer.lora_b)
     else:
@@ -140,7 +141,7 @@ def test_dora_gradients_reach_m_a_b_and_norm_is_detached(quantized):
     flat = dict(tree_flatten(grads))
     assert set(flat) == {"m", "lora_a", "lora_b"}
 
-    w = lc.lora.dense_weight(layer.linear)
+    w = lc.quant.layers.dense_weight(layer.linear)
     s = layer.scale
 
     def ref(detach):
@@ -252,7 +253,7 @@ def test_fuse_quantized_model_requantizes_or_dequantizes(tiny_model):
             randomize(m)
     adapted = tiny_model(tokens)
     fuse(tiny_model, de_quantize=True)
-    assert not any(lc.lora.is_quantized(m) for _, m in tiny_model.named_modules())
+    assert not any(lc.quant.layers.is_quantized(m) for _, m in tiny_model.named_modules())
     assert max_err(tiny_model(tokens), adapted) <= 1e-4
 
 
@@ -289,7 +290,8 @@ def test_lora_config_reads_mlx_lm_format():
 
 
 def test_fuse_keeps_the_quantized_layer_class():
-    from lora_course.quant import DequantLinear, quantize_model
+    from lora_course.quant.dequant import DequantLinear
+    from lora_course.quant.layers import quantize_model
 
     mx.random.seed(0)
     model = nn.Sequential(nn.Linear(64, 64))

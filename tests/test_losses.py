@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from lora_course import Model, ModelArgs
-from lora_course.losses import distillation_loss, js_div_loss, kl_div_loss
-from lora_course.lora import apply_lora
-from lora_course.trainer import TrainingArgs, evaluate, train
+from lora_course.training.losses import distillation_loss, js_div_loss, kl_div_loss
+from lora_course.adapters.apply import apply_lora
+from lora_course.training.args import TrainingArgs
+from lora_course.training.evaluate import evaluate
+from lora_course.training.trainer import train
 
 
 def np_log_softmax(x, t):

@@ -7,7 +7,9 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from lora_course.model import attention_reference, rms_norm_reference, rope_reference
+from lora_course.model.attention import attention_reference
+from lora_course.model.norm import rms_norm_reference
+from lora_course.model.rope import rope_reference
 
 
 def max_err(a, b):

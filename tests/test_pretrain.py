@@ -9,8 +9,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from lora_course.corpus import build_corpus, module_names, save_corpus
-from lora_course.pretrain import PretrainConfig, init_weights, pack, pretrain
+from lora_course.data.corpus import build_corpus, module_names, save_corpus
+from lora_course.recipes.pretrain import PretrainConfig, init_weights, pack, pretrain
 
 ASSETS = Path(lora_course.__file__).parent / "assets" / "base"
 TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=400, seq_length=32,
@@ -57,7 +57,7 @@ def test_signatures_keep_this_machine_out_of_the_corpus(monkeypatch):
     import os
     import sys
 
-    from lora_course.corpus import _signature
+    from lora_course.data.corpus import _signature
 
     monkeypatch.setenv("LORA_COURSE_TEST_SECRET", "do-not-train-on-me")
 
@@ -152,7 +152,7 @@ def test_pretrain_refuses_a_foreign_directory(tmp_path):
 
 
 def test_pretrain_cli_parses_flags():
-    from lora_course.cli import build_parser
+    from lora_course.recipes.cli import build_parser
 
     args = build_parser().parse_args(["pretrain", "--out", "x", "--iters", "5", "--packages", "json",
                                       "--learning-rate", "0.01", "--init", "gpt2"])

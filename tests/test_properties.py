@@ -22,8 +22,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_course import AdapterError, CheckpointError, Model, ModelArgs, TrainingArgs, apply_lora, save_adapters
-from lora_course.adapters import load_adapters
-from lora_course.checkpoint import read_config
+from lora_course.adapters.files import load_adapters
+from lora_course.checkpoint.config import read_config
 from lora_course.config import ConfigError
 from lora_course.tree import tree_flatten
 

@@ -9,16 +9,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from lora_course.quant import (
-    MAX_ABS_WEIGHT,
-    SUPPORTED_BITS,
-    SUPPORTED_GROUP_SIZES,
-    QuantizationError,
-    dequantize,
-    pack,
-    quantize,
-    unpack,
-)
+from lora_course.quant.quantize import MAX_ABS_WEIGHT, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QuantizationError, dequantize, pack, quantize, unpack
 
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 
@@ -226,15 +217,10 @@ import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 
 from lora_course import Model, ModelArgs, apply_lora, fuse  # noqa: E402
-from lora_course.quant import (  # noqa: E402
-    DequantEmbedding,
-    DequantLinear,
-    dequant_matmul,
-    effective_bits,
-    model_size,
-    quantize_model,
-    use_dequant_layers,
-)
+from lora_course.quant.dequant import DequantEmbedding  # noqa: E402
+from lora_course.quant.dequant import DequantLinear, dequant_matmul
+from lora_course.quant.size import effective_bits, model_size
+from lora_course.quant.layers import quantize_model, use_dequant_layers
 from lora_course.tree import tree_flatten  # noqa: E402
 
 BLOCK_LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -352,7 +338,7 @@ def test_dequant_linear_matches_quantized_matmul_with_gradients(bits):
 
 def test_dequant_path_is_chosen_by_device():
     fast = DequantLinear(64, 32, bias=False, group_size=64, bits=4)
-    from lora_course.quant import _dequant_path
+    from lora_course.quant.dequant import _dequant_path
 
     assert _dequant_path(fast) == (mx.default_device() == mx.cpu)
     fast.path = "kernel"
@@ -436,7 +422,8 @@ def test_qlora_loss_goes_down_and_fuse_dequantizes():
 
 def test_quantized_model_save_load_round_trip(tmp_path):
     from lora_course import train_tokenizer
-    from lora_course.checkpoint import load, save
+    from lora_course.checkpoint.load import load
+    from lora_course.checkpoint.save import save
 
     tokenizer = train_tokenizer([f"line {i}: cats, dogs and quantized weights" for i in range(50)],
                                 300, None)

@@ -8,7 +8,7 @@ import lora_course
 import mlx.core as mx
 import pytest
 
-from lora_course.cli import main
+from lora_course.recipes.cli import main
 
 ASSETS = Path(lora_course.__file__).parent / "assets" / "base"
 TINY_FLAGS = ["--iters", "4", "--batch-size", "4", "--max-samples", "16", "--max-seq-length", "64",
@@ -42,7 +42,7 @@ def test_quickstart_on_the_embedded_model(tmp_path, capsys):
     model, tokenizer = lora_course.load()
     lora_course.load_adapters(model, out / "adapters")
     q = results["questions"][0]
-    assert lora_course.generate(model, tokenizer, q["question"], max_tokens=8).strip() == q["after"]
+    assert lora_course.model.generate(model, tokenizer, q["question"], max_tokens=8).strip() == q["after"]
 
 
 def _tiny_checkpoint(folder: Path) -> None:

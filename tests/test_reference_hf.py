@@ -20,10 +20,12 @@ import numpy as np  # noqa: E402
 
 from lora_course import CheckpointError, load, save  # noqa: E402
 from lora_course import checkpoint as ck  # noqa: E402
-from lora_course import conversion, meta_format  # noqa: E402
-from lora_course.cli import main  # noqa: E402
-from lora_course.generate import generate_tokens  # noqa: E402
-from lora_course.tokenizer import train_tokenizer  # noqa: E402
+from lora_course.tree import tree_flatten  # noqa: E402
+from lora_course.recipes import convert as conversion
+from lora_course.checkpoint import meta as meta_format  # noqa: E402
+from lora_course.recipes.cli import main  # noqa: E402
+from lora_course.model.generate import generate_tokens  # noqa: E402
+from lora_course.tokenizer.spm import train_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.reference
 
@@ -223,7 +225,7 @@ def test_mlx_lm_quantized_checkpoint_loads(tok, tmp_path):
     tok.save(tmp_path / "q")
     ours, _ = load(tmp_path / "q")
     assert hasattr(ours.model.embed_tokens, "scales")  # a quantized embedding, used as the head
-    a, b = dict(ck.tree_flatten(ours.parameters())), dict(ck.tree_flatten(theirs.parameters()))
+    a, b = dict(tree_flatten(ours.parameters())), dict(tree_flatten(theirs.parameters()))
     assert a.keys() == b.keys()
     assert all(mx.array_equal(a[k], b[k]).item() for k in a)
     np.testing.assert_allclose(our_logits(ours), our_logits(theirs), atol=1e-5, rtol=0)

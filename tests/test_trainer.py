@@ -16,21 +16,17 @@ import pytest
 
 from lora_course import Model, ModelArgs
 from lora_course import atomic
-from lora_course import checkpointing as ckpt
-from lora_course.adapters import load_adapters
-from lora_course.batching import iterate_batches
-from lora_course.lora import apply_lora
-from lora_course.schedules import build_optimizer, build_schedule
+from lora_course.training import resume as ckpt
+from lora_course.adapters.files import load_adapters
+from lora_course.data.batching import iterate_batches
+from lora_course.adapters.apply import apply_lora
+from lora_course.training.schedules import build_optimizer, build_schedule
 from lora_course.tree import tree_flatten, tree_unflatten
-from lora_course.step import enable_grad_checkpoint, make_step
-from lora_course.trainer import (
-    ConfigError,
-    TrainingArgs,
-    TrainingDivergedError,
-    evaluate,
-    loss,
-    train,
-)
+from lora_course.training.step import enable_grad_checkpoint, make_step
+from lora_course.config import ConfigError
+from lora_course.training.args import TrainingArgs
+from lora_course.training.trainer import TrainingDivergedError, train
+from lora_course.training.evaluate import evaluate, loss
 
 ARGS = ModelArgs(dim=32, n_layers=2, hidden_dim=64, n_heads=4, n_kv_heads=2, vocab_size=64)
 
@@ -477,7 +473,7 @@ def test_live_plot_and_plot_history(tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
-    from lora_course.callbacks import LivePlot, plot_history
+    from lora_course.training.plots import LivePlot, plot_history
 
     live = LivePlot("run")
     hist = train(make_model(), make_data(8), make_data(4, seed=1),

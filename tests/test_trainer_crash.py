@@ -18,8 +18,8 @@ import lora_course  # noqa: F401  (BLAS before mlx)
 import pytest
 
 from lora_course import Model
-from lora_course import checkpointing as ckpt
-from lora_course.adapters import load_adapters
+from lora_course.training import resume as ckpt
+from lora_course.adapters.files import load_adapters
 
 WORKER = textwrap.dedent(
     """
@@ -28,8 +28,9 @@ WORKER = textwrap.dedent(
     import mlx.core as mx
     import numpy as np
     from lora_course import Model, ModelArgs
-    from lora_course.lora import apply_lora
-    from lora_course.trainer import TrainingArgs, train
+    from lora_course.adapters.apply import apply_lora
+    from lora_course.training.args import TrainingArgs
+    from lora_course.training.trainer import train
 
     adapter_path, log_path, resume = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
     mx.random.seed(0)

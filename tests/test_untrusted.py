@@ -43,8 +43,8 @@ from lora_course import (
     train,
     train_tokenizer,
 )
-from lora_course import checkpointing as ckpt
-from lora_course.tokenizer import Tokenizer, TokenizerError
+from lora_course.training import resume as ckpt
+from lora_course.tokenizer.spm import Tokenizer, TokenizerError
 
 PACKAGE = Path(lora_course.__file__).parent
 
@@ -120,7 +120,7 @@ SOURCES = sorted(PACKAGE.rglob("*.py"))
 
 def test_the_scan_sees_the_whole_package():
     names = {p.name for p in SOURCES}
-    assert {"checkpoint.py", "adapters.py", "data.py", "tokenizer.py", "trainer.py"} <= names
+    assert {"load.py", "files.py", "datasets.py", "spm.py", "trainer.py"} <= names
     assert len(SOURCES) >= 20
 
 

@@ -1,0 +1,119 @@
+"""ModelArgs: the numbers that define a Llama / Mistral model, read from its config.
+
+One dataclass holds every size and switch of the architecture. ``from_dict`` reads a
+Hugging Face ``config.json``, a Meta ``params.json`` or our own saved dict, and
+ignores keys it does not know. Taught in notebook 03 (attention) and the notebook
+that assembles the whole model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096  # width of the residual stream (HF: hidden_size)
+    n_layers: int = 32  # number of transformer blocks (HF: num_hidden_layers)
+    head_dim: int | None = None  # width of one attention head; None means dim // n_heads
+    hidden_dim: int = 11008  # inner width of the SwiGLU feed-forward (HF: intermediate_size)
+    n_heads: int = 32  # query heads (HF: num_attention_heads)
+    n_kv_heads: int | None = None  # key/value heads; fewer than n_heads is GQA; None means n_heads
+    norm_eps: float = 1e-5  # epsilon inside RMSNorm (HF: rms_norm_eps)
+    vocab_size: int = 32000  # number of token ids
+    rope_theta: float = 10000.0  # RoPE base: wavelengths grow as theta^(2i/d)
+    rope_traditional: bool = False  # True: rotate interleaved pairs (Meta); False: halves (HF)
+    rope_scaling: dict | None = None  # {"type": "linear", "factor": f} stretches positions by f
+    tie_word_embeddings: bool = False  # reuse embed_tokens as the output head
+    attention_bias: bool = False  # biases on q/k/v/o projections (some fine-tunes use them)
+    mlp_bias: bool = False  # biases on gate/up/down projections
+    max_position_embeddings: int = 4096  # context length the model was trained for
+    model_type: str = "llama"  # "llama" or "mistral"; both use this same architecture
+    quantization: dict | None = None  # {"group_size": g, "bits": b} once quantized
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"ModelArgs: n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"
+            )
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
+            if kind not in ("linear", "default"):
+                raise ValueError(
+                    f"ModelArgs: rope_scaling type {kind!r} is not supported "
+                    "(only 'linear'); remove it from config.json to load without scaling"
+                )
+
+    # HF config.json and Meta params.json spell some fields differently.
+    _ALIASES = {
+        "hidden_size": "dim",
+        "num_hidden_layers": "n_layers",
+        "intermediate_size": "hidden_dim",
+        "num_attention_heads": "n_heads",
+        "num_key_value_heads": "n_kv_heads",
+        "rms_norm_eps": "norm_eps",
+    }
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> "ModelArgs":
+        """Build from an HF ``config.json`` dict, a Meta ``params.json`` dict, or our own
+        ``asdict``. Unknown keys are ignored."""
+        config = dict(config)
+        rope = config.get("rope_parameters") or {}
+        if "rope_theta" not in config and "rope_theta" in rope:
+            config["rope_theta"] = rope["rope_theta"]
+        if config.get("rope_scaling") is None and rope.get("rope_type") not in (None, "default"):
+            config["rope_scaling"] = rope
+        known = {f.name for f in fields(cls)}
+        kwargs = {}
+        for key, value in config.items():
+            name = cls._ALIASES.get(key, key)
+            if name in known and value is not None:
+                kwargs[name] = value
+        if "hidden_dim" not in kwargs and "multiple_of" in config and "dim" in kwargs:
+            kwargs["hidden_dim"] = _meta_hidden_dim(
+                kwargs["dim"], config["multiple_of"], config.get("ffn_dim_multiplier")
+            )
+        if "model_type" not in config and "dim" in config and "n_layers" in config:
+            # A Meta params.json: its weights rotate interleaved pairs.
+            kwargs.setdefault("rope_traditional", True)
+        return cls(**kwargs)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The equivalent Hugging Face ``config.json`` (LlamaForCausalLM / MistralForCausalLM)."""
+        arch = "MistralForCausalLM" if self.model_type == "mistral" else "LlamaForCausalLM"
+        d = {
+            "architectures": [arch],
+            "model_type": self.model_type,
+            "hidden_size": self.dim,
+            "num_hidden_layers": self.n_layers,
+            "intermediate_size": self.hidden_dim,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.norm_eps,
+            "vocab_size": self.vocab_size,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias,
+            "max_position_embeddings": self.max_position_embeddings,
+            "hidden_act": "silu",
+        }
+        if self.quantization:
+            d["quantization"] = dict(self.quantization)
+        return d
+
+
+def _meta_hidden_dim(dim: int, multiple_of: int, multiplier: float | None) -> int:
+    # Meta's params.json gives the FFN width as a recipe, not a number.
+    hidden = int(2 * (4 * dim) / 3)
+    if multiplier is not None:
+        hidden = int(multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
