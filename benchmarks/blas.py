@@ -31,13 +31,14 @@ from pathlib import Path
 KINDS = ("lora_course", "same", "stock", "torch")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def lora_course_blas_module():
     """``lora_course/blas.py`` as a module, without running ``lora_course/__init__.py``."""
     spec = importlib.util.find_spec("lora_course")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("lora_course is not importable; run from the repository root or "
-                           "`pip install -e .`")
+        raise RuntimeError(
+            "lora_course is not importable; run from the repository root or `pip install -e .`"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / "blas.py"
     module_spec = importlib.util.spec_from_file_location("_bench_lora_course_blas", path)
     module = importlib.util.module_from_spec(module_spec)
@@ -66,8 +67,10 @@ def setup(kind: str) -> str | None:
                 continue
             _first_blas_call()
             return path
-        raise RuntimeError("no optimized BLAS found for the 'same BLAS' mlx-lm run; "
-                           "install the mkl wheel or libopenblas0-pthread")
+        raise RuntimeError(
+            "no optimized BLAS found for the 'same BLAS' mlx-lm run; "
+            "install the mkl wheel or libopenblas0-pthread"
+        )
     return None  # stock mlx / torch: nothing preloaded
 
 
@@ -93,7 +96,9 @@ def check_matmul() -> float:
 
 def mapped_blas() -> list[str]:
     """Basenames of the BLAS, MKL, MLX and OpenMP libraries mapped into this process."""
-    found = lora_course_blas_module().mapped_blas_libraries(keys=("blas", "mkl_", "libmlx", "libgomp", "libiomp"))
+    found = lora_course_blas_module().mapped_blas_libraries(
+        keys=("blas", "mkl_", "libmlx", "libgomp", "libiomp")
+    )
     return sorted({os.path.basename(p) for p in found})
 
 

@@ -12,8 +12,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-LORA_KEYS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+LORA_KEYS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
 @dataclass
@@ -58,7 +65,7 @@ class BenchConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "BenchConfig":
+    def from_dict(cls, d: dict[str, Any]) -> BenchConfig:
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
         if "keys" in kw:
@@ -69,8 +76,22 @@ class BenchConfig:
 SMALL = BenchConfig("small", dim=256, n_layers=4, hidden_dim=704, n_heads=4, seq=128)
 MEDIUM = BenchConfig("medium", dim=512, n_layers=8, hidden_dim=1408, n_heads=8, seq=256)
 # --quick: a micro model for the smoke test; numbers from it mean nothing.
-MICRO = BenchConfig("micro", dim=32, n_layers=1, hidden_dim=64, n_heads=2, vocab_size=256, batch=2,
-                    seq=16, group_size=32, prompt_len=8, gen_tokens=4, steps=2, warmup=1,
-                    max_seconds=5.0, min_steps=1)
+MICRO = BenchConfig(
+    "micro",
+    dim=32,
+    n_layers=1,
+    hidden_dim=64,
+    n_heads=2,
+    vocab_size=256,
+    batch=2,
+    seq=16,
+    group_size=32,
+    prompt_len=8,
+    gen_tokens=4,
+    steps=2,
+    warmup=1,
+    max_seconds=5.0,
+    min_steps=1,
+)
 
 PRESETS = {c.name: c for c in (SMALL, MEDIUM, MICRO)}

@@ -42,21 +42,31 @@ def _timed(generate_ids, cfg) -> dict:
     decode_s = statistics.median(r[1] for r in timed)
     if any(r[2] != runs[0][2] for r in runs):
         raise AssertionError("greedy generation is not deterministic across repeats")
-    return {"prefill_s": prefill_s, "decode_s": decode_s,
-            "prefill_cpu_s": statistics.median(r[3] for r in timed),
-            "decode_cpu_s": statistics.median(r[4] for r in timed),
-            "prefill_tokens_per_s": cfg.prompt_len / prefill_s,
-            "decode_tokens_per_s": (cfg.gen_tokens - 1) / max(decode_s, 1e-9),
-            "ids": runs[0][2], "peak_rss_mib": measure.peak_rss_mib(rss_method),
-            "rss_method": rss_method, "mlx_peak_mib": mx.get_peak_memory() / 2**20}
+    return {
+        "prefill_s": prefill_s,
+        "decode_s": decode_s,
+        "prefill_cpu_s": statistics.median(r[3] for r in timed),
+        "decode_cpu_s": statistics.median(r[4] for r in timed),
+        "prefill_tokens_per_s": cfg.prompt_len / prefill_s,
+        "decode_tokens_per_s": (cfg.gen_tokens - 1) / max(decode_s, 1e-9),
+        "ids": runs[0][2],
+        "peak_rss_mib": measure.peak_rss_mib(rss_method),
+        "rss_method": rss_method,
+        "mlx_peak_mib": mx.get_peak_memory() / 2**20,
+    }
 
 
 def run_lora_course(cfg, weights_path, data_path, quant: bool = False) -> dict:
     from lora_course import Model, ModelArgs
     from lora_course.model.generate import generate_tokens
 
-    args = ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, hidden_dim=cfg.hidden_dim, n_heads=cfg.n_heads,
-                     vocab_size=cfg.vocab_size)
+    args = ModelArgs(
+        dim=cfg.dim,
+        n_layers=cfg.n_layers,
+        hidden_dim=cfg.hidden_dim,
+        n_heads=cfg.n_heads,
+        vocab_size=cfg.vocab_size,
+    )
     model = Model(args)
     load_into_mlx(model, weights_path)
     prompt = [int(t) for t in load_npz(data_path)["prompt"]]
@@ -68,9 +78,17 @@ def run_mlx_lm(cfg, weights_path, data_path, quant: bool = False) -> dict:
     from mlx_lm.generate import generate_step
     from mlx_lm.models.llama import Model, ModelArgs
 
-    args = ModelArgs(model_type="llama", hidden_size=cfg.dim, num_hidden_layers=cfg.n_layers,
-                     intermediate_size=cfg.hidden_dim, num_attention_heads=cfg.n_heads, rms_norm_eps=1e-5,
-                     vocab_size=cfg.vocab_size, num_key_value_heads=cfg.n_heads, tie_word_embeddings=False)
+    args = ModelArgs(
+        model_type="llama",
+        hidden_size=cfg.dim,
+        num_hidden_layers=cfg.n_layers,
+        intermediate_size=cfg.hidden_dim,
+        num_attention_heads=cfg.n_heads,
+        rms_norm_eps=1e-5,
+        vocab_size=cfg.vocab_size,
+        num_key_value_heads=cfg.n_heads,
+        tie_word_embeddings=False,
+    )
     model = Model(args)
     load_into_mlx(model, weights_path)
     prompt = mx.array(load_npz(data_path)["prompt"])

@@ -22,8 +22,12 @@ def _timed(cmd: list[str], timeout: float) -> dict:
     except subprocess.TimeoutExpired:
         return {"status": "timeout", "seconds": time.perf_counter() - tic, "command": " ".join(cmd[2:])}
     tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
-    return {"status": "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})",
-            "seconds": time.perf_counter() - tic, "command": " ".join(cmd[2:]), "tail": tail}
+    return {
+        "status": "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})",
+        "seconds": time.perf_counter() - tic,
+        "command": " ".join(cmd[2:]),
+        "tail": tail,
+    }
 
 
 def quickstart_available() -> bool:
@@ -44,8 +48,13 @@ def _notebook_paths() -> list[str]:
     """The committed notebooks (a notebook someone is still writing is not timed); every
     ``notebooks/NN_*.ipynb`` when this is not a git checkout."""
     try:
-        out = subprocess.run(["git", "ls-files", "notebooks/[0-9][0-9]_*.ipynb"], cwd=ROOT, capture_output=True,
-                             text=True, check=True).stdout.split()
+        out = subprocess.run(
+            ["git", "ls-files", "notebooks/[0-9][0-9]_*.ipynb"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
         if out:
             return sorted(out)
     except (OSError, subprocess.CalledProcessError):

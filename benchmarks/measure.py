@@ -74,8 +74,13 @@ def time_calls(fn, cfg, before_timing=None, probe=None) -> dict:
         cpu_times.append(time.process_time() - cpu_tic)
         if len(times) >= cfg.min_steps and time.perf_counter() - start > cfg.max_seconds:
             break
-    return {"times_s": times, "median_s": statistics.median(times), "cpu_s": statistics.median(cpu_times),
-            "last": result, "probes": probes}
+    return {
+        "times_s": times,
+        "median_s": statistics.median(times),
+        "cpu_s": statistics.median(cpu_times),
+        "last": result,
+        "probes": probes,
+    }
 
 
 def mlx_gemm_probe(n: int = 1024):

@@ -30,19 +30,25 @@ VARIANTS = ("fp32", "qlora", "stock")
 
 
 def run_variant(opts) -> dict:
-    import lora_course  # noqa: F401  (BLAS before mlx)
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
 
+    import lora_course  # noqa: F401  (BLAS before mlx)
     from lora_course import Model, ModelArgs, apply_lora
     from lora_course.quant.dequant import DequantLinear
-    from lora_course.quant.size import model_size
     from lora_course.quant.layers import quantize_model
+    from lora_course.quant.size import model_size
 
     mx.random.seed(0)
-    args = ModelArgs(dim=opts.dim, n_layers=opts.layers, hidden_dim=opts.hidden, n_heads=opts.heads,
-                     n_kv_heads=opts.kv_heads, vocab_size=opts.vocab)
+    args = ModelArgs(
+        dim=opts.dim,
+        n_layers=opts.layers,
+        hidden_dim=opts.hidden,
+        n_heads=opts.heads,
+        n_kv_heads=opts.kv_heads,
+        vocab_size=opts.vocab,
+    )
     model = Model(args)
     mx.eval(model.parameters())
     if opts.variant != "fp32":
@@ -133,24 +139,34 @@ def main(argv=None) -> int:
     best = {}
     for _ in range(opts.rounds):  # alternate the variants, keep each one's fastest round
         for variant in opts.variants:
-            out = subprocess.run([sys.executable, __file__, *forwarded, "--variant", variant],
-                                 check=True, capture_output=True, text=True).stdout
+            out = subprocess.run(
+                [sys.executable, __file__, *forwarded, "--variant", variant],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
             r = json.loads(out.strip().splitlines()[-1])
             if variant not in best or r["step_s"] < best[variant]["step_s"]:
                 best[variant] = r
     results = [best[v] for v in opts.variants]
     if opts.json:
         Path(opts.json).write_text(json.dumps(results, indent=1))
-    print(f"dim {opts.dim}, {opts.layers} layers, hidden {opts.hidden}, vocab {opts.vocab}, "
-          f"seq {opts.seq}, batch {opts.batch}, LoRA rank {opts.rank} on all linears, "
-          f"{opts.bits}-bit group {opts.group_size}{', compiled' if opts.compile else ''}")
+    print(
+        f"dim {opts.dim}, {opts.layers} layers, hidden {opts.hidden}, vocab {opts.vocab}, "
+        f"seq {opts.seq}, batch {opts.batch}, LoRA rank {opts.rank} on all linears, "
+        f"{opts.bits}-bit group {opts.group_size}{', compiled' if opts.compile else ''}"
+    )
     base = next((r for r in results if r["variant"] == "fp32"), None)
-    print(f"{'variant':8} {'tok/s':>8} {'vs fp32':>8} {'cpu s/step':>10} {'peak MiB':>9} "
-          f"{'model MiB':>10} {'bits/w':>7}")
+    print(
+        f"{'variant':8} {'tok/s':>8} {'vs fp32':>8} {'cpu s/step':>10} {'peak MiB':>9} "
+        f"{'model MiB':>10} {'bits/w':>7}"
+    )
     for r in results:
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
-        print(f"{r['variant']:8} {r['tokens_per_s']:8.0f} {ratio:>8} {r['cpu_s']:10.2f} "
-              f"{r['peak_mib']:9.1f} {r['model_mib']:10.1f} {r['bits_per_weight']:7.2f}")
+        print(
+            f"{r['variant']:8} {r['tokens_per_s']:8.0f} {ratio:>8} {r['cpu_s']:10.2f} "
+            f"{r['peak_mib']:9.1f} {r['model_mib']:10.1f} {r['bits_per_weight']:7.2f}"
+        )
     print("tok/s from the fastest timed step of the fastest round; cpu s/step: process CPU time")
     return 0
 

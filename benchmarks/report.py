@@ -1,6 +1,6 @@
 """The results as a text table (for the terminal and the README) and a PNG plot.
 
-    python -m benchmarks.report [benchmarks/results/results.json]   # print the README section again
+python -m benchmarks.report [benchmarks/results/results.json]   # print the README section again
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ PEER_LABELS = {
     "torch_peft": "PyTorch + PEFT",
     "torch_peft_1t": "PyTorch + PEFT, 1 thread",
 }
-BENCH_TITLES = {"lora": "LoRA training step", "qlora": "QLoRA (4-bit) training step",
-                "generation": "Greedy generation, batch 1"}
+BENCH_TITLES = {
+    "lora": "LoRA training step",
+    "qlora": "QLoRA (4-bit) training step",
+    "generation": "Greedy generation, batch 1",
+}
 
 
 def _fmt(v, spec="{:,.0f}", none="-"):
@@ -54,14 +57,42 @@ def table(results: dict) -> str:
             if not r.get("status", "").startswith("ok"):
                 body.append([r["config"], PEER_LABELS.get(r["peer"], r["peer"]), r["status"]] + [""] * 9)
                 continue
-            body.append([r["config"], PEER_LABELS.get(r["peer"], r["peer"]), _fmt(r.get("tokens_per_s")),
-                         _fmt(r.get("step_s") and 1e3 * r["step_s"], "{:,.0f}"),
-                         _fmt(r.get("cpu_s") and 1e3 * r["cpu_s"], "{:,.0f}"), _fmt(r.get("gflops"), "{:.1f}"),
-                         _fmt(r.get("gemm_fraction"), "{:.0%}"), _fmt(r.get("gemm_fraction_paired"), "{:.0%}"),
-                         _fmt(r.get("peak_rss_mib")), _fmt(r.get("mlx_peak_mib")), vs, vs_cpu])
-        parts.append(f"**{BENCH_TITLES[bench]}**\n\n" + _markdown(
-            ["config", "peer", "tokens/s", "step ms", "CPU ms/step", "GFLOP/s", "of GEMM", "of own GEMM",
-             "peak RSS MiB", "MLX peak MiB", "lora_course is (tokens/s)", "(CPU time)"], body))
+            body.append(
+                [
+                    r["config"],
+                    PEER_LABELS.get(r["peer"], r["peer"]),
+                    _fmt(r.get("tokens_per_s")),
+                    _fmt(r.get("step_s") and 1e3 * r["step_s"], "{:,.0f}"),
+                    _fmt(r.get("cpu_s") and 1e3 * r["cpu_s"], "{:,.0f}"),
+                    _fmt(r.get("gflops"), "{:.1f}"),
+                    _fmt(r.get("gemm_fraction"), "{:.0%}"),
+                    _fmt(r.get("gemm_fraction_paired"), "{:.0%}"),
+                    _fmt(r.get("peak_rss_mib")),
+                    _fmt(r.get("mlx_peak_mib")),
+                    vs,
+                    vs_cpu,
+                ]
+            )
+        parts.append(
+            f"**{BENCH_TITLES[bench]}**\n\n"
+            + _markdown(
+                [
+                    "config",
+                    "peer",
+                    "tokens/s",
+                    "step ms",
+                    "CPU ms/step",
+                    "GFLOP/s",
+                    "of GEMM",
+                    "of own GEMM",
+                    "peak RSS MiB",
+                    "MLX peak MiB",
+                    "lora_course is (tokens/s)",
+                    "(CPU time)",
+                ],
+                body,
+            )
+        )
     sel = [r for r in rows if r["bench"] == "generation"]
     if sel:
         body = []
@@ -73,13 +104,30 @@ def table(results: dict) -> str:
             vp, vd = ratio.get((*key, "prefill_tokens_per_s")), ratio.get((*key, "decode_tokens_per_s"))
             cp, cd = ratio.get((*key, "prefill_cpu_s")), ratio.get((*key, "decode_cpu_s"))
             ours = r["peer"] == "lora_course"
-            body.append([r["config"], PEER_LABELS.get(r["peer"], r["peer"]), _fmt(r.get("prefill_tokens_per_s")),
-                         _fmt(r.get("decode_tokens_per_s"), "{:,.1f}"),
-                         "" if ours else f"{_fmt(vp, '{:.2f}x')} / {_fmt(vd, '{:.2f}x')}",
-                         "" if ours else f"{_fmt(cp, '{:.2f}x')} / {_fmt(cd, '{:.2f}x')}"])
-        parts.append(f"**{BENCH_TITLES['generation']}**\n\n" + _markdown(
-            ["config", "peer", "prompt tokens/s", "decode tokens/s", "lora_course is (prompt / decode)",
-             "(CPU time)"], body))
+            body.append(
+                [
+                    r["config"],
+                    PEER_LABELS.get(r["peer"], r["peer"]),
+                    _fmt(r.get("prefill_tokens_per_s")),
+                    _fmt(r.get("decode_tokens_per_s"), "{:,.1f}"),
+                    "" if ours else f"{_fmt(vp, '{:.2f}x')} / {_fmt(vd, '{:.2f}x')}",
+                    "" if ours else f"{_fmt(cp, '{:.2f}x')} / {_fmt(cd, '{:.2f}x')}",
+                ]
+            )
+        parts.append(
+            f"**{BENCH_TITLES['generation']}**\n\n"
+            + _markdown(
+                [
+                    "config",
+                    "peer",
+                    "prompt tokens/s",
+                    "decode tokens/s",
+                    "lora_course is (prompt / decode)",
+                    "(CPU time)",
+                ],
+                body,
+            )
+        )
     if results.get("targets"):
         body = [[t["target"], t["text"], "met" if t["met"] else "MISSED"] for t in results["targets"]]
         parts.append("**Targets**\n\n" + _markdown(["target", "measured", ""], body))
@@ -88,8 +136,13 @@ def table(results: dict) -> str:
         parts.append("**Same work**\n\n" + _markdown(["check", ""], body))
     jobs = results.get("jobs")
     if isinstance(jobs, dict):
-        body = [["lora-course quickstart", _fmt(jobs["quickstart"].get("seconds"), "{:.0f} s"),
-                 jobs["quickstart"]["status"]]]
+        body = [
+            [
+                "lora-course quickstart",
+                _fmt(jobs["quickstart"].get("seconds"), "{:.0f} s"),
+                jobs["quickstart"]["status"],
+            ]
+        ]
         body += [[j["notebook"], _fmt(j.get("seconds"), "{:.0f} s"), j["status"]] for j in jobs["notebooks"]]
         parts.append("**Whole jobs (wall time)**\n\n" + _markdown(["job", "time", "status"], body))
     parts.append(f"GPU: {results.get('gpu')}")
@@ -104,14 +157,22 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in results.get("rows", []) if r.get("status", "").startswith("ok")]
-    panels = [("lora", "tokens_per_s", "LoRA step, tokens/s"), ("qlora", "tokens_per_s", "QLoRA 4-bit step, tokens/s"),
-              ("generation", "prefill_tokens_per_s", "generation: prompt tokens/s"),
-              ("generation", "decode_tokens_per_s", "generation: decode tokens/s")]
+    panels = [
+        ("lora", "tokens_per_s", "LoRA step, tokens/s"),
+        ("qlora", "tokens_per_s", "QLoRA 4-bit step, tokens/s"),
+        ("generation", "prefill_tokens_per_s", "generation: prompt tokens/s"),
+        ("generation", "decode_tokens_per_s", "generation: decode tokens/s"),
+    ]
     panels = [p for p in panels if any(r["bench"] == p[0] for r in rows)]
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.2 * max(len(panels), 1), 4.2), squeeze=False)
     peers = list(PEER_LABELS)
-    colors = {"lora_course": "#d62728", "mlx_lm_stock": "#7f7f7f", "mlx_lm_same_blas": "#1f77b4",
-              "torch_peft": "#ff7f0e", "torch_peft_1t": "#ffbb78"}
+    colors = {
+        "lora_course": "#d62728",
+        "mlx_lm_stock": "#7f7f7f",
+        "mlx_lm_same_blas": "#1f77b4",
+        "torch_peft": "#ff7f0e",
+        "torch_peft_1t": "#ffbb78",
+    }
     for ax, (bench, key, title) in zip(axes[0], panels):
         sel = [r for r in rows if r["bench"] == bench and r.get(key)]
         configs = list(dict.fromkeys(r["config"] for r in sel))
@@ -133,8 +194,11 @@ def plot(results: dict, path: Path) -> None:
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="lower left")
     cores = results.get("machine", {}).get("cores")
-    fig.suptitle(f"lora_course vs mlx-lm and PyTorch + PEFT, CPU ({cores} cores), medians of "
-                 f"{results.get('rounds')} alternating rounds", fontsize=10)
+    fig.suptitle(
+        f"lora_course vs mlx-lm and PyTorch + PEFT, CPU ({cores} cores), medians of "
+        f"{results.get('rounds')} alternating rounds",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -148,22 +212,26 @@ def versions_line(results: dict) -> str:
     m = results.get("machine", {})
     load = m.get("load_average_at_start"), m.get("load_average_at_end")
     parts = [f"{k} {v}" for k, v in sorted(seen.items())]
-    return (f"{m.get('cpu', m.get('processor', '?'))}, {m.get('cores')} cores, {m.get('memory_gib', '?')} GiB, "
-            f"{m.get('platform', '?')}; load average (1/5/15 min) {load[0]} at start, {load[1]} at the end; "
-            + ", ".join(parts))
+    return (
+        f"{m.get('cpu', m.get('processor', '?'))}, {m.get('cores')} cores, {m.get('memory_gib', '?')} GiB, "
+        f"{m.get('platform', '?')}; load average (1/5/15 min) {load[0]} at start, {load[1]} at the end; "
+        + ", ".join(parts)
+    )
 
 
 def readme_section(results: dict) -> str:
     """The README's "Performance" section: command, machine and versions, tables, plot."""
-    return "\n\n".join([
-        "## Performance",
-        f"`{results.get('command', 'python -m benchmarks.run')}` on {results.get('created', '?')}: "
-        f"{results.get('rounds')} alternating rounds, medians (see `benchmarks/README.md` for what is "
-        "measured and how).",
-        f"Machine and versions: {versions_line(results)}.",
-        table(results),
-        "![lora_course vs mlx-lm and PyTorch + PEFT](benchmarks/results/results.png)",
-    ])
+    return "\n\n".join(
+        [
+            "## Performance",
+            f"`{results.get('command', 'python -m benchmarks.run')}` on {results.get('created', '?')}: "
+            f"{results.get('rounds')} alternating rounds, medians (see `benchmarks/README.md` for what is "
+            "measured and how).",
+            f"Machine and versions: {versions_line(results)}.",
+            table(results),
+            "![lora_course vs mlx-lm and PyTorch + PEFT](benchmarks/results/results.png)",
+        ]
+    )
 
 
 def main(argv=None) -> int:

@@ -51,14 +51,17 @@ def run_worker(spec: dict, timeout: float) -> dict:
         return {"error": f"timed out after {timeout:.0f} s"}
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(MARKER):
-            return json.loads(line[len(MARKER):])
+            return json.loads(line[len(MARKER) :])
     tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
     return {"error": f"exit {proc.returncode}: {tail}"}
 
 
 def machine_info() -> dict:
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+    }
     try:
         with open("/proc/cpuinfo") as f:
             names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
@@ -77,8 +80,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     p.add_argument("--configs", nargs="+", default=["small", "medium"], choices=sorted(PRESETS))
     p.add_argument("--benches", nargs="+", default=list(BENCHES), choices=BENCHES)
-    p.add_argument("--peers", nargs="+", default=None, choices=sorted(PEERS),
-                   help="limit to these peers (default: all)")
+    p.add_argument(
+        "--peers", nargs="+", default=None, choices=sorted(PEERS), help="limit to these peers (default: all)"
+    )
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per run (overrides the config)")
     p.add_argument("--max-seconds", type=float, default=None, help="time budget per run (overrides)")
@@ -105,11 +109,22 @@ def main(argv=None) -> int:
         configs.append(BenchConfig.from_dict(d))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {"schema": SCHEMA, "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-               "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "machine": machine_info(), "gpu": NO_GPU, "rounds": args.rounds,
-               "configs": {c.name: {**c.to_dict(), "train_step_flops": train_step_flops(c),
-                                    "generation_flops": generation_flops(c)} for c in configs}}
+    results = {
+        "schema": SCHEMA,
+        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine_info(),
+        "gpu": NO_GPU,
+        "rounds": args.rounds,
+        "configs": {
+            c.name: {
+                **c.to_dict(),
+                "train_step_flops": train_step_flops(c),
+                "generation_flops": generation_flops(c),
+            }
+            for c in configs
+        },
+    }
     raw = {}  # (bench, config, peer) -> list of per-round worker results
     gemm_raw = {p: [] for p in GEMM_PEERS}
     with tempfile.TemporaryDirectory(prefix="lora_course_bench_") as tmp:
@@ -117,7 +132,9 @@ def main(argv=None) -> int:
         for r in range(args.rounds):
             if not args.no_gemm:
                 for peer in _rotate(list(GEMM_PEERS), r):
-                    res = run_worker({"bench": "gemm", "peer": peer, "config": configs[0].to_dict()}, args.timeout)
+                    res = run_worker(
+                        {"bench": "gemm", "peer": peer, "config": configs[0].to_dict()}, args.timeout
+                    )
                     gemm_raw[peer].append(res)
                     print(f"[round {r + 1}] gemm {peer}: {_short(res, 'best_gflops')}", flush=True)
             for bench in args.benches:
@@ -125,8 +142,13 @@ def main(argv=None) -> int:
                     peers = [p for p in BENCH_PEERS[bench] if args.peers is None or p in args.peers]
                     for peer in _rotate(peers, r):
                         w, d = files[cfg.name]
-                        spec = {"bench": bench, "peer": peer, "config": cfg.to_dict(), "weights": str(w),
-                                "data": str(d)}
+                        spec = {
+                            "bench": bench,
+                            "peer": peer,
+                            "config": cfg.to_dict(),
+                            "weights": str(w),
+                            "data": str(d),
+                        }
                         res = run_worker(spec, args.timeout)
                         raw.setdefault((bench, cfg.name, peer), []).append(res)
                         key = "tokens_per_s" if bench != "generation" else "decode_tokens_per_s"

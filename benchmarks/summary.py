@@ -25,13 +25,28 @@ def summarize(bench: str, cfg: BenchConfig, peer: str, runs: list[dict], gemm_ra
     row = {"bench": bench, "config": cfg.name, "peer": peer, "rounds": len(ok)}
     if not ok:
         first = runs[0] if runs else {}
-        row["status"] = first.get("skipped") and f"skipped: {first['skipped']}" or \
-            f"error: {first.get('error', 'not run')}"
+        row["status"] = (
+            first.get("skipped")
+            and f"skipped: {first['skipped']}"
+            or f"error: {first.get('error', 'not run')}"
+        )
         return row
     row["status"] = "ok" if len(ok) == len(runs) else f"ok in {len(ok)} of {len(runs)} rounds"
-    for key in ("tokens_per_s", "step_s", "prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_mib",
-                "mlx_peak_mib", "first_loss", "last_loss", "blas_check_gflops_512", "gemm_probe_gflops", "cpu_s",
-                "prefill_cpu_s", "decode_cpu_s"):
+    for key in (
+        "tokens_per_s",
+        "step_s",
+        "prefill_tokens_per_s",
+        "decode_tokens_per_s",
+        "peak_rss_mib",
+        "mlx_peak_mib",
+        "first_loss",
+        "last_loss",
+        "blas_check_gflops_512",
+        "gemm_probe_gflops",
+        "cpu_s",
+        "prefill_cpu_s",
+        "decode_cpu_s",
+    ):
         vals = [r.get(key) for r in ok]
         if any(v is not None for v in vals):
             row[key] = _median(vals)
@@ -43,7 +58,9 @@ def summarize(bench: str, cfg: BenchConfig, peer: str, runs: list[dict], gemm_ra
         if gemm_rate:
             row["gemm_fraction"] = row["gflops"] / gemm_rate
         # the same, against a GEMM timed in the worker between its steps (same load)
-        probes = [(flops / r["step_s"] / 1e9) / r["gemm_probe_gflops"] for r in ok if r.get("gemm_probe_gflops")]
+        probes = [
+            (flops / r["step_s"] / 1e9) / r["gemm_probe_gflops"] for r in ok if r.get("gemm_probe_gflops")
+        ]
         if probes:
             row["gemm_fraction_paired"] = statistics.median(probes)
     if bench == "generation":
@@ -62,8 +79,11 @@ def summarize(bench: str, cfg: BenchConfig, peer: str, runs: list[dict], gemm_ra
 
 def paired_ratio(runs_a: list[dict], runs_b: list[dict], key: str) -> float | None:
     """Median over rounds of a[key] / b[key], pairing runs from the same round."""
-    ratios = [a[key] / b[key] for a, b in zip(runs_a, runs_b)
-              if a.get(key) and b.get(key) and "error" not in a and "error" not in b]
+    ratios = [
+        a[key] / b[key]
+        for a, b in zip(runs_a, runs_b)
+        if a.get(key) and b.get(key) and "error" not in a and "error" not in b
+    ]
     return statistics.median(ratios) if ratios else None
 
 
@@ -77,8 +97,11 @@ def gemm_summary(gemm_raw: dict) -> dict:
                 out["runs"][peer] = {"status": runs[0].get("error", runs[0].get("skipped", "?"))}
             continue
         per_size = {n: max(r["gflops"][n] for r in ok) for n in ok[0]["gflops"]}
-        out["runs"][peer] = {"best_gflops_by_size": per_size, "versions": ok[0].get("versions"),
-                             "preloaded_blas": ok[0].get("preloaded_blas")}
+        out["runs"][peer] = {
+            "best_gflops_by_size": per_size,
+            "versions": ok[0].get("versions"),
+            "preloaded_blas": ok[0].get("preloaded_blas"),
+        }
         for n, v in per_size.items():
             if best is None or v > best:
                 best, source = v, f"{peer} fp32 {n}x{n}"
@@ -98,21 +121,32 @@ def consistency_checks(rows: list[dict]) -> list[dict]:
             losses = {r["peer"]: r["first_loss"] for r in group if r.get("first_loss") is not None}
             if len(losses) > 1:
                 spread = max(losses.values()) - min(losses.values())
-                checks.append({"what": f"{bench} {config}: first-step loss equal across peers",
-                               "ok": spread <= 1e-3 * max(abs(v) for v in losses.values()),
-                               "detail": {k: round(v, 6) for k, v in losses.items()}})
+                checks.append(
+                    {
+                        "what": f"{bench} {config}: first-step loss equal across peers",
+                        "ok": spread <= 1e-3 * max(abs(v) for v in losses.values()),
+                        "detail": {k: round(v, 6) for k, v in losses.items()},
+                    }
+                )
         if bench == "generation":
             ids = {r["peer"]: r["ids"] for r in group if r.get("ids") is not None}
             if len(ids) > 1:
                 ref = next(iter(ids.values()))
-                checks.append({"what": f"generation {config}: greedy token ids identical across peers",
-                               "ok": all(v == ref for v in ids.values()),
-                               "detail": f"{len(ref)} tokens from {len(ids)} peers"})
+                checks.append(
+                    {
+                        "what": f"generation {config}: greedy token ids identical across peers",
+                        "ok": all(v == ref for v in ids.values()),
+                        "detail": f"{len(ref)} tokens from {len(ids)} peers",
+                    }
+                )
     return checks
 
 
-RATIO_KEYS = {"lora": ("tokens_per_s",), "qlora": ("tokens_per_s",),
-              "generation": ("prefill_tokens_per_s", "decode_tokens_per_s")}
+RATIO_KEYS = {
+    "lora": ("tokens_per_s",),
+    "qlora": ("tokens_per_s",),
+    "generation": ("prefill_tokens_per_s", "decode_tokens_per_s"),
+}
 
 
 def ratios(raw: dict) -> list[dict]:
@@ -137,8 +171,15 @@ def ratios(raw: dict) -> list[dict]:
         if bench == "qlora" and peer == "lora_course" and ("lora", config, "lora_course") in raw:
             ratio = paired_ratio(runs, raw[("lora", config, "lora_course")], "tokens_per_s")
             if ratio is not None:
-                out.append({"bench": "qlora", "config": config, "vs": "lora_course fp32 LoRA",
-                            "metric": "tokens_per_s", "ratio": ratio})
+                out.append(
+                    {
+                        "bench": "qlora",
+                        "config": config,
+                        "vs": "lora_course fp32 LoRA",
+                        "metric": "tokens_per_s",
+                        "ratio": ratio,
+                    }
+                )
     return out
 
 
@@ -150,8 +191,16 @@ def targets(ratio_list: list[dict], rows: list[dict]) -> list[dict]:
     def add(name, goal, value, fmt="{:.2f}x", cpu_ratio=None):
         if value is not None:
             text = fmt.format(value) + (f" (CPU time: {cpu_ratio:.2f}x)" if cpu_ratio is not None else "")
-            out.append({"target": name, "goal": goal, "measured": value, "text": text, "met": value >= goal,
-                        "cpu_time_ratio": cpu_ratio})
+            out.append(
+                {
+                    "target": name,
+                    "goal": goal,
+                    "measured": value,
+                    "text": text,
+                    "met": value >= goal,
+                    "cpu_time_ratio": cpu_ratio,
+                }
+            )
 
     for r in ratio_list:
         if r["metric"].endswith("cpu_s"):
@@ -170,24 +219,49 @@ def targets(ratio_list: list[dict], rows: list[dict]) -> list[dict]:
     # PyTorch + PEFT: against the faster of its 2-thread and 1-thread runs
     peft = {}
     for r in ratio_list:
-        if r["bench"] == "lora" and r["vs"] in ("torch_peft", "torch_peft_1t") and r["metric"] == "tokens_per_s":
+        if (
+            r["bench"] == "lora"
+            and r["vs"] in ("torch_peft", "torch_peft_1t")
+            and r["metric"] == "tokens_per_s"
+        ):
             if r["config"] not in peft or r["ratio"] < peft[r["config"]]["ratio"]:
                 peft[r["config"]] = r
     for config, r in peft.items():
         threads = "1 thread" if r["vs"].endswith("_1t") else "all cores"
-        add(f"LoRA step {config}: >= 1.0x PyTorch + PEFT (its faster run: {threads})", 1.0, r["ratio"],
-            cpu_ratio=cpu.get(("lora", config, r["vs"], "cpu_s")))
+        add(
+            f"LoRA step {config}: >= 1.0x PyTorch + PEFT (its faster run: {threads})",
+            1.0,
+            r["ratio"],
+            cpu_ratio=cpu.get(("lora", config, r["vs"], "cpu_s")),
+        )
     for row in rows:
-        if row["bench"] == "lora" and row["peer"] == "lora_course" and row["config"] == "medium" \
-                and row.get("gemm_fraction") is not None:
+        if (
+            row["bench"] == "lora"
+            and row["peer"] == "lora_course"
+            and row["config"] == "medium"
+            and row.get("gemm_fraction") is not None
+        ):
             add("LoRA step medium: >= 50% of the measured GEMM rate", 0.5, row["gemm_fraction"], "{:.0%}")
             if row.get("gemm_fraction_paired") is not None:
                 out[-1]["text"] += f" ({row['gemm_fraction_paired']:.0%} of a GEMM timed between its steps)"
     by = {(r["bench"], r["config"], r["peer"]): r for r in rows}
     for (bench, config, peer), row in by.items():
         fp32 = by.get(("lora", config, "lora_course"))
-        if bench == "qlora" and peer == "lora_course" and fp32 and row.get("peak_rss_mib") and fp32.get("peak_rss_mib"):
+        if (
+            bench == "qlora"
+            and peer == "lora_course"
+            and fp32
+            and row.get("peak_rss_mib")
+            and fp32.get("peak_rss_mib")
+        ):
             value = row["peak_rss_mib"] / fp32["peak_rss_mib"]
-            out.append({"target": f"QLoRA step {config}: peak RSS below our fp32 LoRA step", "goal": 1.0,
-                        "measured": value, "text": f"{value:.2f}x of fp32", "met": value < 1.0})
+            out.append(
+                {
+                    "target": f"QLoRA step {config}: peak RSS below our fp32 LoRA step",
+                    "goal": 1.0,
+                    "measured": value,
+                    "text": f"{value:.2f}x of fp32",
+                    "met": value < 1.0,
+                }
+            )
     return out

@@ -32,18 +32,25 @@ import statistics
 from benchmarks import measure
 from benchmarks.weights import load_into_mlx, load_npz
 
-PEFT_QLORA_SKIP = ("PEFT's 4-bit QLoRA needs bitsandbytes, which runs on CUDA GPUs only; "
-                   "there is no CPU QLoRA in PyTorch + PEFT to compare")
+PEFT_QLORA_SKIP = (
+    "PEFT's 4-bit QLoRA needs bitsandbytes, which runs on CUDA GPUs only; "
+    "there is no CPU QLoRA in PyTorch + PEFT to compare"
+)
 
 
 def _mlx_result(timing, cfg, model, rss_method) -> dict:
     import mlx.core as mx
 
-    return {"step_s": timing["median_s"], "times_s": timing["times_s"], "cpu_s": timing["cpu_s"],
-            "tokens_per_s": cfg.tokens_per_step / timing["median_s"],
-            "peak_rss_mib": measure.peak_rss_mib(rss_method), "rss_method": rss_method,
-            "mlx_peak_mib": mx.get_peak_memory() / 2**20,
-            "gemm_probe_gflops": statistics.median(timing["probes"])}
+    return {
+        "step_s": timing["median_s"],
+        "times_s": timing["times_s"],
+        "cpu_s": timing["cpu_s"],
+        "tokens_per_s": cfg.tokens_per_step / timing["median_s"],
+        "peak_rss_mib": measure.peak_rss_mib(rss_method),
+        "rss_method": rss_method,
+        "mlx_peak_mib": mx.get_peak_memory() / 2**20,
+        "gemm_probe_gflops": statistics.median(timing["probes"]),
+    }
 
 
 def _mlx_tokens(data_path):
@@ -67,11 +74,16 @@ def run_lora_course(cfg, weights_path, data_path, quant: bool) -> dict:
     import mlx.optimizers as optim
 
     from lora_course import Model, ModelArgs, apply_lora, quantize_model
-    from lora_course.training.step import make_step
     from lora_course.training.evaluate import loss
+    from lora_course.training.step import make_step
 
-    args = ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, hidden_dim=cfg.hidden_dim, n_heads=cfg.n_heads,
-                     vocab_size=cfg.vocab_size)
+    args = ModelArgs(
+        dim=cfg.dim,
+        n_layers=cfg.n_layers,
+        hidden_dim=cfg.hidden_dim,
+        n_heads=cfg.n_heads,
+        vocab_size=cfg.vocab_size,
+    )
     mx.random.seed(cfg.seed)
     model = Model(args)
     load_into_mlx(model, weights_path)
@@ -101,8 +113,9 @@ def run_lora_course(cfg, weights_path, data_path, quant: bool) -> dict:
         return losses[-1]
 
     rss = {}
-    timing = measure.time_calls(step, cfg, before_timing=lambda: rss.update(m=_reset_mlx_memory()),
-                                probe=measure.mlx_gemm_probe())
+    timing = measure.time_calls(
+        step, cfg, before_timing=lambda: rss.update(m=_reset_mlx_memory()), probe=measure.mlx_gemm_probe()
+    )
     return {**_mlx_result(timing, cfg, model, rss["m"]), "first_loss": losses[0], "last_loss": losses[-1]}
 
 
@@ -117,18 +130,31 @@ def run_mlx_lm(cfg, weights_path, data_path, quant: bool) -> dict:
     from mlx_lm.tuner.trainer import default_loss
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    args = ModelArgs(model_type="llama", hidden_size=cfg.dim, num_hidden_layers=cfg.n_layers,
-                     intermediate_size=cfg.hidden_dim, num_attention_heads=cfg.n_heads, rms_norm_eps=1e-5,
-                     vocab_size=cfg.vocab_size, num_key_value_heads=cfg.n_heads, tie_word_embeddings=False)
+    args = ModelArgs(
+        model_type="llama",
+        hidden_size=cfg.dim,
+        num_hidden_layers=cfg.n_layers,
+        intermediate_size=cfg.hidden_dim,
+        num_attention_heads=cfg.n_heads,
+        rms_norm_eps=1e-5,
+        vocab_size=cfg.vocab_size,
+        num_key_value_heads=cfg.n_heads,
+        tie_word_embeddings=False,
+    )
     mx.random.seed(cfg.seed)
     model = Model(args)
     load_into_mlx(model, weights_path)
     if quant:
-        nn.quantize(model, group_size=cfg.group_size, bits=cfg.bits,
-                    class_predicate=lambda path, m: isinstance(m, nn.Linear) and path != "lm_head")
+        nn.quantize(
+            model,
+            group_size=cfg.group_size,
+            bits=cfg.bits,
+            class_predicate=lambda path, m: isinstance(m, nn.Linear) and path != "lm_head",
+        )
     model.freeze()  # as mlx_lm.lora does before converting
-    linear_to_lora_layers(model, cfg.n_layers, {"rank": cfg.rank, "scale": cfg.scale, "dropout": 0.0,
-                                                "keys": list(cfg.keys)})
+    linear_to_lora_layers(
+        model, cfg.n_layers, {"rank": cfg.rank, "scale": cfg.scale, "dropout": 0.0, "keys": list(cfg.keys)}
+    )
     model.train()
     optimizer = optim.Adam(learning_rate=1e-4)
     loss_value_and_grad = nn.value_and_grad(model, default_loss)
@@ -158,8 +184,9 @@ def run_mlx_lm(cfg, weights_path, data_path, quant: bool) -> dict:
         return losses[-1]
 
     rss = {}
-    timing = measure.time_calls(step, cfg, before_timing=lambda: rss.update(m=_reset_mlx_memory()),
-                                probe=measure.mlx_gemm_probe())
+    timing = measure.time_calls(
+        step, cfg, before_timing=lambda: rss.update(m=_reset_mlx_memory()), probe=measure.mlx_gemm_probe()
+    )
     return {**_mlx_result(timing, cfg, model, rss["m"]), "first_loss": losses[0], "last_loss": losses[-1]}
 
 
@@ -175,18 +202,34 @@ def build_peft_model(cfg, weights_path):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim,
-                         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-                         num_key_value_heads=cfg.n_heads, head_dim=cfg.head_dim, rms_norm_eps=1e-5,
-                         rope_theta=10000.0, max_position_embeddings=4096, tie_word_embeddings=False,
-                         attention_bias=False, mlp_bias=False, use_cache=False)
+    config = LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim,
+        intermediate_size=cfg.hidden_dim,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_heads,
+        head_dim=cfg.head_dim,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+        use_cache=False,
+    )
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(config).float()
     state = {k: torch.from_numpy(v) for k, v in load_npz(weights_path).items()}
     model.load_state_dict(state, strict=True)
     del state
-    lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, bias="none",
-                      target_modules=sorted({k.split(".")[-1] for k in cfg.keys}))
+    lora = LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=sorted({k.split(".")[-1] for k in cfg.keys}),
+    )
     return get_peft_model(model, lora)
 
 
@@ -214,13 +257,24 @@ def run_torch_peft(cfg, weights_path, data_path, quant: bool) -> dict:
         return losses[-1]
 
     rss = {}
-    timing = measure.time_calls(step, cfg, before_timing=lambda: rss.update(m=measure.reset_peak_rss()),
-                                probe=measure.torch_gemm_probe())
-    return {"step_s": timing["median_s"], "times_s": timing["times_s"], "cpu_s": timing["cpu_s"],
-            "gemm_probe_gflops": statistics.median(timing["probes"]),
-            "tokens_per_s": cfg.tokens_per_step / timing["median_s"],
-            "peak_rss_mib": measure.peak_rss_mib(rss["m"]), "rss_method": rss["m"],
-            "first_loss": losses[0], "last_loss": losses[-1], "torch_threads": torch.get_num_threads()}
+    timing = measure.time_calls(
+        step,
+        cfg,
+        before_timing=lambda: rss.update(m=measure.reset_peak_rss()),
+        probe=measure.torch_gemm_probe(),
+    )
+    return {
+        "step_s": timing["median_s"],
+        "times_s": timing["times_s"],
+        "cpu_s": timing["cpu_s"],
+        "gemm_probe_gflops": statistics.median(timing["probes"]),
+        "tokens_per_s": cfg.tokens_per_step / timing["median_s"],
+        "peak_rss_mib": measure.peak_rss_mib(rss["m"]),
+        "rss_method": rss["m"],
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 RUNNERS = {"lora_course": run_lora_course, "mlx_lm": run_mlx_lm, "torch_peft": run_torch_peft}

@@ -27,13 +27,15 @@ def make_checkpoint(cfg: BenchConfig, folder: Path) -> tuple[Path, Path]:
     w = {"model.embed_tokens.weight": rng.standard_normal((cfg.vocab_size, cfg.dim), np.float32)}
     for i in range(cfg.n_layers):
         for key, (n_in, n_out) in linear_shapes(cfg).items():
-            w[f"model.layers.{i}.{key}.weight"] = (
-                rng.standard_normal((n_out, n_in), np.float32) / np.float32(np.sqrt(n_in)))
+            w[f"model.layers.{i}.{key}.weight"] = rng.standard_normal((n_out, n_in), np.float32) / np.float32(
+                np.sqrt(n_in)
+            )
         w[f"model.layers.{i}.input_layernorm.weight"] = np.ones(cfg.dim, np.float32)
         w[f"model.layers.{i}.post_attention_layernorm.weight"] = np.ones(cfg.dim, np.float32)
     w["model.norm.weight"] = np.ones(cfg.dim, np.float32)
     w["lm_head.weight"] = rng.standard_normal((cfg.vocab_size, cfg.dim), np.float32) / np.float32(
-        np.sqrt(cfg.dim))
+        np.sqrt(cfg.dim)
+    )
     tokens = rng.integers(0, cfg.vocab_size, (cfg.batch, cfg.seq + 1), dtype=np.int32)
     prompt = rng.integers(0, cfg.vocab_size, (cfg.prompt_len,), dtype=np.int32)
     weights_path, data_path = folder / "weights.npz", folder / "data.npz"

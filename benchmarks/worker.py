@@ -61,13 +61,19 @@ def run(spec: dict) -> dict:
     result = runner(cfg, spec.get("weights"), spec.get("data"), bench == "qlora")
     if impl == "mlx_lm" and "lora_course" in sys.modules:
         raise AssertionError("an mlx-lm worker imported lora_course (it would change the BLAS)")
-    info = {"preloaded_blas": preloaded, "mapped_blas": blas.mapped_blas(), "versions": _versions(impl),
-            "worker_s": time.perf_counter() - tic}
+    info = {
+        "preloaded_blas": preloaded,
+        "mapped_blas": blas.mapped_blas(),
+        "versions": _versions(impl),
+        "worker_s": time.perf_counter() - tic,
+    }
     if "mlx.core" in sys.modules and "skipped" not in result:
         info["matmul_rel_error"] = err = blas.check_matmul()
         if not err < 1e-5:
-            raise AssertionError(f"MLX matmuls are wrong in this process (relative error {err:.2g}): "
-                                 f"BLAS {preloaded}, mapped {blas.mapped_blas()}")
+            raise AssertionError(
+                f"MLX matmuls are wrong in this process (relative error {err:.2g}): "
+                f"BLAS {preloaded}, mapped {blas.mapped_blas()}"
+            )
         info["blas_check_gflops_512"] = blas.mlx_gemm_gflops()
     return {**result, **info}
 

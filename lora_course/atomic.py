@@ -38,8 +38,9 @@ import json
 import os
 import secrets
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, Callable, Union
+from typing import BinaryIO, Union
 
 import mlx.core as mx
 
@@ -157,7 +158,7 @@ class FileSet:
                 for folder in dict.fromkeys(target.parent for _, target in self.staged):
                     fsync_dir(folder)
         finally:
-            for tmp, _ in self.staged[self.replaced:]:
+            for tmp, _ in self.staged[self.replaced :]:
                 tmp.unlink(missing_ok=True)
 
 

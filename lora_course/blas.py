@@ -83,8 +83,11 @@ def load_optimized_blas() -> str | None:
             ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
         except OSError as e:
             if path == chosen:  # the user asked for this one: say why it was passed over
-                warnings.warn(f"lora_course: {PATH_ENV}={path} could not be loaded ({e}); "
-                              "trying the other candidates", RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"lora_course: {PATH_ENV}={path} could not be loaded ({e}); trying the other candidates",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
             continue
         STATE.update(loaded=path, reason="loaded")
         return path

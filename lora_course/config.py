@@ -15,10 +15,14 @@ from dataclasses import fields
 from typing import Any
 
 
-def checked_fields(cls, config: dict[str, Any], source: str = "config", strict: bool = True) -> dict[str, Any]:
+def checked_fields(
+    cls, config: dict[str, Any], source: str = "config", strict: bool = True
+) -> dict[str, Any]:
     """``config``'s entries, each checked (and, for floats, converted) against ``cls``'s fields."""
     if not isinstance(config, dict):
-        raise ConfigError(f"{source}: expected a mapping of option names to values, got {type(config).__name__}")
+        raise ConfigError(
+            f"{source}: expected a mapping of option names to values, got {type(config).__name__}"
+        )
     hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls)}
     kwargs = {}
@@ -47,8 +51,14 @@ def _type_name(hint) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(hint))
     if typing.get_origin(hint) is list:
         return f"a list of {_type_name(typing.get_args(hint)[0]).split(' ', 1)[-1]}s"
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true/false",
-             type(None): "null", dict: "a mapping"}
+    names = {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "true/false",
+        type(None): "null",
+        dict: "a mapping",
+    }
     return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 

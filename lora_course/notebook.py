@@ -34,6 +34,8 @@ def versions() -> None:
     import mlx.core as mx
     import numpy as np
 
-    print(f"python {platform.python_version()} | lora_course {__version__} | "
-          f"mlx {mx.__version__} | numpy {np.__version__}")
+    print(
+        f"python {platform.python_version()} | lora_course {__version__} | "
+        f"mlx {mx.__version__} | numpy {np.__version__}"
+    )
     print(f"device: {mx.default_device()} | blas: {blas.blas_in_use()}")

@@ -23,10 +23,11 @@ Taught in notebook 01 (``notebooks/01_tree_utilities.ipynb``).
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from collections.abc import Callable
+from typing import Any, Optional, Union
 
 Leaf = Any
-FlatTree = Union[List[Tuple[str, Any]], Dict[str, Any]]
+FlatTree = Union[list[tuple[str, Any]], dict[str, Any]]
 
 __all__ = ["tree_map", "tree_flatten", "tree_unflatten"]
 
@@ -45,16 +46,14 @@ def tree_map(fn: Callable, tree: Any, *rest: Any, is_leaf: Optional[Callable] = 
         return fn(tree, *rest)
     if isinstance(tree, (list, tuple)):
         children = [
-            tree_map(fn, child, *(r[i] for r in rest), is_leaf=is_leaf)
-            for i, child in enumerate(tree)
+            tree_map(fn, child, *(r[i] for r in rest), is_leaf=is_leaf) for i, child in enumerate(tree)
         ]
         if hasattr(tree, "_fields"):  # a namedtuple takes its fields positionally
             return type(tree)(*children)
         return type(tree)(children)
     if isinstance(tree, dict):
         return {
-            key: tree_map(fn, child, *(r[key] for r in rest), is_leaf=is_leaf)
-            for key, child in tree.items()
+            key: tree_map(fn, child, *(r[key] for r in rest), is_leaf=is_leaf) for key, child in tree.items()
         }
     return fn(tree, *rest)  # anything that is not a container is a leaf
 
@@ -84,8 +83,7 @@ def tree_flatten(
         add = lambda pair: destination.__setitem__(*pair)  # noqa: E731
     else:
         raise ValueError(
-            "tree_flatten: destination must be a list, a dict or None, "
-            f"got {type(destination).__name__}"
+            f"tree_flatten: destination must be a list, a dict or None, got {type(destination).__name__}"
         )
 
     def walk(node: Any, key: str) -> None:
@@ -121,7 +119,7 @@ def tree_unflatten(items: FlatTree) -> Any:
             return value
 
     # Group by the first key component: "layers.0.w" -> children["layers"] gets ("0.w", leaf).
-    children: Dict[str, List[Tuple[str, Any]]] = defaultdict(list)
+    children: dict[str, list[tuple[str, Any]]] = defaultdict(list)
     for key, value in pairs:
         head, _, tail = key.partition(".")
         children[head].append((tail, value))
@@ -135,7 +133,7 @@ def tree_unflatten(items: FlatTree) -> Any:
     if index_of is None or len(index_of) != len(children):
         return {head: tree_unflatten(sub) for head, sub in children.items()}
 
-    rebuilt: List[Any] = []
+    rebuilt: list[Any] = []
     for index, head in sorted(index_of.items()):
         while len(rebuilt) < index:  # a gap in the numbering: fill it like mlx does
             rebuilt.append({})

@@ -2,16 +2,14 @@
 
 import os
 
-import lora_course  # noqa: F401  (loads the optimized BLAS before mlx.core)
-
 import mlx.core as mx
 import pytest
 from hypothesis import HealthCheck, settings
 
+import lora_course  # noqa: F401  (loads the optimized BLAS before mlx.core)
+
 # "ci" keeps property tests fast and deterministic; "dev" explores more.
-settings.register_profile(
-    "ci", deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
-)
+settings.register_profile("ci", deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", deadline=None, max_examples=1000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 

@@ -4,15 +4,13 @@ import errno
 import json
 import os
 
-import lora_course as lc
-
 import mlx.core as mx
-import numpy as np
 import pytest
 
+import lora_course as lc
+from lora_course.adapters.apply import apply_lora
 from lora_course.adapters.files import AdapterError, convert_peft_adapter, load_adapters, save_adapters
 from lora_course.adapters.lora import LoRALinear
-from lora_course.adapters.apply import apply_lora
 from lora_course.tree import tree_flatten
 
 TOKENS = mx.array([[3, 1, 4, 1, 5, 9, 2, 6]])
@@ -21,11 +19,13 @@ TOKENS = mx.array([[3, 1, 4, 1, 5, 9, 2, 6]])
 @pytest.fixture
 def fresh(tiny_args):
     """A factory for identical tiny models (same seed, same weights)."""
+
     def make():
         mx.random.seed(0)
         model = lc.Model(tiny_args)
         mx.eval(model.parameters())
         return model
+
     return make
 
 
@@ -34,8 +34,9 @@ def trained(model, kind="lora", seed=1, **kw):
     apply_lora(model, kind=kind, **{"num_layers": 2, "rank": 4, **kw})
     params = tree_flatten(model.trainable_parameters())
     keys = mx.random.split(mx.random.key(seed), len(params))
-    model.load_weights([(k, v + 0.1 * mx.random.normal(v.shape, key=key))
-                        for (k, v), key in zip(params, keys)], strict=False)
+    model.load_weights(
+        [(k, v + 0.1 * mx.random.normal(v.shape, key=key)) for (k, v), key in zip(params, keys)], strict=False
+    )
     return model
 
 
@@ -52,9 +53,14 @@ def test_save_load_round_trip_gives_identical_logits(fresh, tmp_path, kind):
     assert cfg["fine_tune_type"] == kind and cfg["num_layers"] == 2 and cfg["learning_rate"] == 1e-4
     if kind != "full":
         assert "model.layers.1.self_attn.q_proj.lora_a" in saved
-        assert cfg["lora_parameters"] == {"rank": 4, "scale": 4.0, "alpha": 16.0, "dropout": 0.0,
-                                          "keys": ["mlp.up_proj", "self_attn.q_proj"],
-                                          "use_rslora": False}
+        assert cfg["lora_parameters"] == {
+            "rank": 4,
+            "scale": 4.0,
+            "alpha": 16.0,
+            "dropout": 0.0,
+            "keys": ["mlp.up_proj", "self_attn.q_proj"],
+            "use_rslora": False,
+        }
     other = load_adapters(fresh(), tmp_path / "ad")
     assert mx.array_equal(other(TOKENS), expected).item()
     assert other.lora_config.fine_tune_type == kind
@@ -143,17 +149,23 @@ def test_missing_and_truncated_weights_file(fresh, tmp_path):
 
 
 def test_rank_mismatch_names_tensor_and_ranks(fresh, tmp_path):
-    write_adapter(tmp_path, trained(fresh()),
-                  edit_config=lambda c: c["lora_parameters"].update(rank=8, alpha=32.0))
-    with pytest.raises(AdapterError, match=r"rank mismatch: tensor 'model\.layers\.\d\.[a-z_.]+\.lora_[ab]' "
-                                           r"has rank 4 .* says rank 8"):
+    write_adapter(
+        tmp_path, trained(fresh()), edit_config=lambda c: c["lora_parameters"].update(rank=8, alpha=32.0)
+    )
+    with pytest.raises(
+        AdapterError,
+        match=r"rank mismatch: tensor 'model\.layers\.\d\.[a-z_.]+\.lora_[ab]' "
+        r"has rank 4 .* says rank 8",
+    ):
         load_adapters(fresh(), tmp_path)
 
 
 def test_shape_mismatch_names_tensor_and_both_shapes(fresh, tmp_path):
     name = "model.layers.1.self_attn.q_proj.lora_a"
     write_adapter(tmp_path, trained(fresh()), edit_weights=lambda w: w.update({name: mx.zeros((32, 4))}))
-    with pytest.raises(AdapterError, match=rf"tensor '{name}' has shape \(32, 4\), but the model expects \(64, 4\)"):
+    with pytest.raises(
+        AdapterError, match=rf"tensor '{name}' has shape \(32, 4\), but the model expects \(64, 4\)"
+    ):
         load_adapters(fresh(), tmp_path)
 
 
@@ -168,8 +180,9 @@ def test_unknown_and_missing_tensors_are_named(fresh, tmp_path):
         load_adapters(fresh(), tmp_path)
 
 
-@pytest.mark.parametrize("key", ["../self_attn.q_proj", "model.embed_tokens", "/etc/passwd",
-                                 "layers.0.self_attn.q_proj"])
+@pytest.mark.parametrize(
+    "key", ["../self_attn.q_proj", "model.embed_tokens", "/etc/passwd", "layers.0.self_attn.q_proj"]
+)
 def test_config_keys_cannot_escape_the_block(fresh, tmp_path, key):
     write_adapter(tmp_path, trained(fresh()), edit_config=lambda c: c["lora_parameters"].update(keys=[key]))
     with pytest.raises(AdapterError, match="cannot reach outside a block"):
@@ -177,8 +190,11 @@ def test_config_keys_cannot_escape_the_block(fresh, tmp_path, key):
 
 
 def test_unknown_key_and_too_many_layers(fresh, tmp_path):
-    write_adapter(tmp_path, trained(fresh()),
-                  edit_config=lambda c: c["lora_parameters"].update(keys=["self_attn.qkv_proj"]))
+    write_adapter(
+        tmp_path,
+        trained(fresh()),
+        edit_config=lambda c: c["lora_parameters"].update(keys=["self_attn.qkv_proj"]),
+    )
     with pytest.raises(AdapterError, match=r"key 'self_attn.qkv_proj' is not a linear layer.*valid keys"):
         load_adapters(fresh(), tmp_path)
     write_adapter(tmp_path, trained(fresh()), edit_config=lambda c: c.update(num_layers=12))
@@ -210,9 +226,17 @@ def write_peft(folder, model, kind="lora", alpha=8, rslora=False, layers=None, e
             if kind == "dora":
                 tensors[f"{prefix}.lora_magnitude_vector"] = m.m
     mx.save_safetensors(str(folder / "adapter_model.safetensors"), tensors)
-    cfg = {"peft_type": "LORA", "r": model.lora_config.rank, "lora_alpha": alpha,
-           "target_modules": ["q_proj", "v_proj"], "use_dora": kind == "dora",
-           "use_rslora": rslora, "bias": "none", "lora_dropout": 0.0, "rank_pattern": {}}
+    cfg = {
+        "peft_type": "LORA",
+        "r": model.lora_config.rank,
+        "lora_alpha": alpha,
+        "target_modules": ["q_proj", "v_proj"],
+        "use_dora": kind == "dora",
+        "use_rslora": rslora,
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "rank_pattern": {},
+    }
     (folder / "adapter_config.json").write_text(json.dumps({**cfg, **(extra_config or {})}))
     return folder
 
@@ -220,8 +244,9 @@ def write_peft(folder, model, kind="lora", alpha=8, rslora=False, layers=None, e
 @pytest.mark.parametrize("kind,rslora", [("lora", False), ("lora", True), ("dora", False)])
 def test_peft_directory_loads_and_converts(fresh, tmp_path, kind, rslora):
     # r=4, lora_alpha=8: scale 2 (or 8/sqrt(4) = 4 with rsLoRA)
-    model = trained(fresh(), kind, keys=["self_attn.q_proj", "self_attn.v_proj"], alpha=8.0,
-                    use_rslora=rslora)
+    model = trained(
+        fresh(), kind, keys=["self_attn.q_proj", "self_attn.v_proj"], alpha=8.0, use_rslora=rslora
+    )
     expected = model(TOKENS)
     peft = write_peft(tmp_path / "peft", model, kind, alpha=8, rslora=rslora)
     direct = load_adapters(fresh(), peft)
@@ -230,7 +255,10 @@ def test_peft_directory_loads_and_converts(fresh, tmp_path, kind, rslora):
 
     ours = convert_peft_adapter(peft, tmp_path / "ours")
     cfg = json.loads((ours / "adapter_config.json").read_text())
-    assert cfg["fine_tune_type"] == kind and cfg["lora_parameters"]["keys"] == ["self_attn.q_proj", "self_attn.v_proj"]
+    assert cfg["fine_tune_type"] == kind and cfg["lora_parameters"]["keys"] == [
+        "self_attn.q_proj",
+        "self_attn.v_proj",
+    ]
     w = mx.load(str(ours / "adapters.safetensors"))
     assert w["model.layers.0.self_attn.q_proj.lora_a"].shape == (64, 4)
     assert mx.allclose(load_adapters(fresh(), ours)(TOKENS), expected, atol=1e-5).item()
@@ -252,7 +280,9 @@ def test_peft_errors(fresh, tmp_path):
     w = dict(mx.load(str(folder / "adapter_model.safetensors")))
     w["base_model.model.lm_head.lora_A.weight"] = mx.zeros((4, 64))
     mx.save_safetensors(str(folder / "adapter_model.safetensors"), w)
-    with pytest.raises(AdapterError, match="tensor 'base_model.model.lm_head.lora_A.weight' is not a LoRA tensor"):
+    with pytest.raises(
+        AdapterError, match="tensor 'base_model.model.lm_head.lora_A.weight' is not a LoRA tensor"
+    ):
         load_adapters(fresh(), folder)
     with pytest.raises(AdapterError, match="not a PEFT adapter directory"):
         convert_peft_adapter(tmp_path / "nothing", tmp_path / "out")
@@ -274,13 +304,24 @@ def test_fuse_command_writes_a_standalone_model(checkpoint, tmp_path, quantized,
     from lora_course.recipes.cli import main
 
     if quantized:
-        checkpoint = lc.convert(hf_path=checkpoint, mlx_path=tmp_path / "q4", quantize=True,
-                                q_group_size=32, q_bits=4)
+        checkpoint = lc.convert(
+            hf_path=checkpoint, mlx_path=tmp_path / "q4", quantize=True, q_group_size=32, q_bits=4
+        )
     model, _ = lc.load(checkpoint)
     save_adapters(trained(model, "dora", keys=["self_attn.v_proj", "mlp.gate_proj"]), tmp_path / "ad")
     expected = model(TOKENS)
-    rc = main(["fuse", "--model", str(checkpoint), "--adapter-path", str(tmp_path / "ad"),
-               "--save-path", str(tmp_path / "fused"), *flags])
+    rc = main(
+        [
+            "fuse",
+            "--model",
+            str(checkpoint),
+            "--adapter-path",
+            str(tmp_path / "ad"),
+            "--save-path",
+            str(tmp_path / "fused"),
+            *flags,
+        ]
+    )
     assert rc == 0
     fused, tokenizer = lc.load(tmp_path / "fused")
     names = [k for k, _ in tree_flatten(fused.parameters())]
@@ -297,8 +338,17 @@ def test_fuse_command_reports_a_bad_adapter_in_one_line(checkpoint, tmp_path, ca
     from lora_course.recipes.cli import main
 
     (tmp_path / "ad").mkdir()
-    rc = main(["fuse", "--model", str(checkpoint), "--adapter-path", str(tmp_path / "ad"),
-               "--save-path", str(tmp_path / "fused")])
+    rc = main(
+        [
+            "fuse",
+            "--model",
+            str(checkpoint),
+            "--adapter-path",
+            str(tmp_path / "ad"),
+            "--save-path",
+            str(tmp_path / "fused"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1 and "no adapter_config.json" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "fused").exists()

@@ -5,11 +5,10 @@ import json
 import os
 import stat
 
-import lora_course  # noqa: F401  (BLAS before mlx)
-
 import mlx.core as mx
 import pytest
 
+import lora_course  # noqa: F401  (BLAS before mlx)
 from lora_course import atomic
 
 
@@ -17,6 +16,7 @@ def full_disk_after(n_bytes):
     def write(f):
         f.write(b"x" * n_bytes)
         raise OSError(errno.ENOSPC, "No space left on device")
+
     return write
 
 
@@ -26,7 +26,7 @@ def test_write_replaces_and_leaves_no_temporary(tmp_path):
     atomic.write_json(target, {"b": 2, "a": [3]})
     assert target.read_text() == '{\n  "a": [\n    3\n  ],\n  "b": 2\n}\n'
     atomic.write_text(tmp_path / "t.txt", "ünï\ncode\n")
-    assert (tmp_path / "t.txt").read_bytes() == "ünï\ncode\n".encode("utf-8")
+    assert (tmp_path / "t.txt").read_bytes() == "ünï\ncode\n".encode()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "t.txt"]
 
 

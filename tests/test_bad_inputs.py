@@ -23,11 +23,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lora_course  # noqa: F401  (BLAS before mlx)
-
 import mlx.core as mx
 import pytest
 
+import lora_course  # noqa: F401  (BLAS before mlx)
 from lora_course import (
     AdapterError,
     CheckpointError,
@@ -47,11 +46,11 @@ from lora_course import (
     train,
     train_tokenizer,
 )
-from lora_course.recipes.cli import main
 from lora_course.config import ConfigError
+from lora_course.recipes.cli import main
 from lora_course.tokenizer.spm import Tokenizer, TokenizerError
-from lora_course.training.trainer import TrainingDivergedError
 from lora_course.training.evaluate import loss
+from lora_course.training.trainer import TrainingDivergedError
 
 VOCAB = 400  # byte fallback needs 256 byte pieces plus the characters
 WORDS = "the model layer token weight rank def return import self for in if else".split()
@@ -66,8 +65,17 @@ def corpus(n=200, seed=0):
 
 def tiny_model(dim=64, vocab=VOCAB, seed=0) -> Model:
     mx.random.seed(seed)
-    model = Model(ModelArgs(dim=dim, n_layers=2, hidden_dim=2 * dim, n_heads=4, n_kv_heads=2,
-                            vocab_size=vocab, rope_theta=500.0))
+    model = Model(
+        ModelArgs(
+            dim=dim,
+            n_layers=2,
+            hidden_dim=2 * dim,
+            n_heads=4,
+            n_kv_heads=2,
+            vocab_size=vocab,
+            rope_theta=500.0,
+        )
+    )
     mx.eval(model.parameters())
     return model
 
@@ -90,8 +98,10 @@ def assets(tmp_path_factory):
     data.mkdir()
     rng = random.Random(0)
     for split, n in (("train", 6), ("valid", 2), ("test", 2)):
-        write_jsonl(data / f"{split}.jsonl",
-                    [{"text": " ".join(rng.choice(WORDS) for _ in range(6))} for _ in range(n)])
+        write_jsonl(
+            data / f"{split}.jsonl",
+            [{"text": " ".join(rng.choice(WORDS) for _ in range(6))} for _ in range(n)],
+        )
     return {"root": root, "tok": tok}
 
 
@@ -155,6 +165,7 @@ def data(env, path):
 
 
 # -- datasets
+
 
 @case
 def jsonl_malformed_line(env):
@@ -260,6 +271,7 @@ def data_unknown_file_type(env):
 
 # -- checkpoints and tokenizers
 
+
 @case
 def checkpoint_truncated_safetensors(env):
     c = env.copy("ckpt")
@@ -271,8 +283,10 @@ def checkpoint_truncated_safetensors(env):
 @case
 def checkpoint_wrong_dtype(env):
     c = env.copy("ckpt")
-    edit_tensors(c / "model.safetensors",
-                 lambda t: t.update({"model.norm.weight": t["model.norm.weight"].astype(mx.int32)}))
+    edit_tensors(
+        c / "model.safetensors",
+        lambda t: t.update({"model.norm.weight": t["model.norm.weight"].astype(mx.int32)}),
+    )
     return (lambda: load(c)), CheckpointError, [str(c / "model.safetensors"), "'model.norm.weight'", "int32"]
 
 
@@ -281,7 +295,11 @@ def checkpoint_missing_shard(env):
     c = env.copy("sharded")
     shard = sorted(c.glob("model-*.safetensors"))[-1]
     shard.unlink()
-    return (lambda: load(c)), CheckpointError, [str(c / "model.safetensors.index.json"), shard.name, "tensor '"]
+    return (
+        (lambda: load(c)),
+        CheckpointError,
+        [str(c / "model.safetensors.index.json"), shard.name, "tensor '"],
+    )
 
 
 @case
@@ -356,6 +374,7 @@ def checkpoint_quantized_without_quantization_entry(env):
 
 # -- adapters
 
+
 def fresh_model():
     return tiny_model(seed=1)
 
@@ -373,8 +392,11 @@ def adapter_rank_mismatch(env):
     cfg = json.loads((a / "adapter_config.json").read_text())
     cfg["lora_parameters"].update(rank=8, scale=cfg["lora_parameters"]["alpha"] / 8)
     (a / "adapter_config.json").write_text(json.dumps(cfg))
-    return (lambda: load_adapters(fresh_model(), a)), AdapterError, [
-        str(a / "adapters.safetensors"), "rank mismatch", ".lora_", "rank 4", "rank 8"]
+    return (
+        (lambda: load_adapters(fresh_model(), a)),
+        AdapterError,
+        [str(a / "adapters.safetensors"), "rank mismatch", ".lora_", "rank 4", "rank 8"],
+    )
 
 
 @case
@@ -383,8 +405,11 @@ def adapter_keys_not_in_model(env):
     cfg = json.loads((a / "adapter_config.json").read_text())
     cfg["lora_parameters"]["keys"] = ["self_attn.qkv_proj"]
     (a / "adapter_config.json").write_text(json.dumps(cfg))
-    return (lambda: load_adapters(fresh_model(), a)), AdapterError, [
-        str(a / "adapter_config.json"), "'self_attn.qkv_proj'"]
+    return (
+        (lambda: load_adapters(fresh_model(), a)),
+        AdapterError,
+        [str(a / "adapter_config.json"), "'self_attn.qkv_proj'"],
+    )
 
 
 @case
@@ -393,32 +418,44 @@ def adapter_tensor_not_in_model(env):
     cfg = json.loads((a / "adapter_config.json").read_text())
     cfg["lora_parameters"]["keys"] = ["self_attn.q_proj"]  # but the file holds every key's tensors
     (a / "adapter_config.json").write_text(json.dumps(cfg))
-    return (lambda: load_adapters(fresh_model(), a)), AdapterError, [
-        str(a / "adapters.safetensors"), "tensor 'model.layers.", "not an adapter parameter"]
+    return (
+        (lambda: load_adapters(fresh_model(), a)),
+        AdapterError,
+        [str(a / "adapters.safetensors"), "tensor 'model.layers.", "not an adapter parameter"],
+    )
 
 
 @case
 def adapter_shapes_for_another_model(env):
     a = env.copy("adapters")  # trained on a dim-64 model ...
     wider = tiny_model(dim=128)  # ... loaded into a dim-128 one
-    return (lambda: load_adapters(wider, a)), AdapterError, [
-        str(a / "adapters.safetensors"), "tensor 'model.layers.", "(64, 4)", "(128, 4)"]
+    return (
+        (lambda: load_adapters(wider, a)),
+        AdapterError,
+        [str(a / "adapters.safetensors"), "tensor 'model.layers.", "(64, 4)", "(128, 4)"],
+    )
 
 
 @case
 def adapter_more_layers_than_model(env):
     a = env.copy("adapters")
     edit_json(a / "adapter_config.json", num_layers=12)
-    return (lambda: load_adapters(fresh_model(), a)), AdapterError, [
-        str(a / "adapter_config.json"), "num_layers=12", "2 layers"]
+    return (
+        (lambda: load_adapters(fresh_model(), a)),
+        AdapterError,
+        [str(a / "adapter_config.json"), "num_layers=12", "2 layers"],
+    )
 
 
 @case
 def adapter_tensor_missing(env):
     a = env.copy("adapters")
     edit_tensors(a / "adapters.safetensors", lambda t: t.pop("model.layers.0.mlp.down_proj.lora_b"))
-    return (lambda: load_adapters(fresh_model(), a)), AdapterError, [
-        str(a / "adapters.safetensors"), "'model.layers.0.mlp.down_proj.lora_b'", "missing"]
+    return (
+        (lambda: load_adapters(fresh_model(), a)),
+        AdapterError,
+        [str(a / "adapters.safetensors"), "'model.layers.0.mlp.down_proj.lora_b'", "missing"],
+    )
 
 
 @case
@@ -432,33 +469,43 @@ def adapter_weights_file_missing(env):
 def adapter_config_not_json(env):
     a = env.copy("adapters")
     (a / "adapter_config.json").write_text('{\n  "num_layers": 2,\n  oops\n}')
-    return (lambda: load_adapters(fresh_model(), a)), AdapterError, [
-        str(a / "adapter_config.json"), "line 3"]
+    return (lambda: load_adapters(fresh_model(), a)), AdapterError, [str(a / "adapter_config.json"), "line 3"]
 
 
 # -- configs (the YAML cases go through the CLI, in the table further down)
 
+
 @case
 def training_args_unknown_key(env):
-    return (lambda: TrainingArgs.from_dict({"iters": 2, "lerning_rate": 1e-3}, source="run.yaml")), \
-        ConfigError, ["run.yaml", "'lerning_rate'", "'learning_rate'"]
+    return (
+        (lambda: TrainingArgs.from_dict({"iters": 2, "lerning_rate": 1e-3}, source="run.yaml")),
+        ConfigError,
+        ["run.yaml", "'lerning_rate'", "'learning_rate'"],
+    )
 
 
 @case
 def training_args_wrong_type(env):
-    return (lambda: TrainingArgs.from_dict({"batch_size": "four"}, source="run.yaml")), \
-        ConfigError, ["run.yaml", "'batch_size'", "integer"]
+    return (
+        (lambda: TrainingArgs.from_dict({"batch_size": "four"}, source="run.yaml")),
+        ConfigError,
+        ["run.yaml", "'batch_size'", "integer"],
+    )
 
 
 # -- settings that cannot work
+
 
 @case
 def batch_larger_than_dataset(env):
     model = apply_lora(tiny_model(), num_layers=1, rank=2)
     ds = [([1, 2, 3, 4], None)] * 3
     args = TrainingArgs(iters=1, batch_size=8, adapter_path=str(env.tmp / "a"))
-    return (lambda: train(model, ds, args=args, progress=False, verbose=False)), ValueError, [
-        "batch_size=8", "3 examples"]
+    return (
+        (lambda: train(model, ds, args=args, progress=False, verbose=False)),
+        ValueError,
+        ["batch_size=8", "3 examples"],
+    )
 
 
 @case
@@ -467,8 +514,11 @@ def train_on_data_of_another_tokenizer(env):
     ds = load_dataset(p, env.tok).train  # ids up to 399 ...
     model = apply_lora(tiny_model(dim=32, vocab=64), num_layers=1, rank=2)  # ... for a 64-token model
     args = TrainingArgs(iters=1, batch_size=2, adapter_path=str(env.tmp / "a"))
-    return (lambda: train(model, ds, args=args, progress=False, verbose=False)), ValueError, [
-        str(p), "sample 0", "vocab_size=64"]
+    return (
+        (lambda: train(model, ds, args=args, progress=False, verbose=False)),
+        ValueError,
+        [str(p), "sample 0", "vocab_size=64"],
+    )
 
 
 @case
@@ -480,8 +530,11 @@ def group_size_not_dividing_width(env):
 @case
 def group_size_not_dividing_a_layer(env):
     model = tiny_model(dim=96)  # q_proj is 96 wide: no 64-groups
-    return (lambda: quantize_model(model, group_size=64, predicate=lambda path, m: True)), \
-        QuantizationError, ["layer '", "96", "group_size=64"]
+    return (
+        (lambda: quantize_model(model, group_size=64, predicate=lambda path, m: True)),
+        QuantizationError,
+        ["layer '", "96", "group_size=64"],
+    )
 
 
 @case
@@ -499,8 +552,11 @@ def num_layers_larger_than_model(env):
 @case
 def lora_key_not_in_model(env):
     model = tiny_model()
-    return (lambda: apply_lora(model, num_layers=1, keys=["attention.wq"])), ValueError, [
-        "'attention.wq'", "self_attn.q_proj"]
+    return (
+        (lambda: apply_lora(model, num_layers=1, keys=["attention.wq"])),
+        ValueError,
+        ["'attention.wq'", "self_attn.q_proj"],
+    )
 
 
 @case
@@ -515,8 +571,15 @@ def nan_mid_training(env):
     model = apply_lora(tiny_model(dim=32, vocab=64), num_layers=2, rank=2)
     ds = [([(7 * i + j) % 63 + 1 for j in range(6 + i % 5)], None) for i in range(8)]
     out = env.tmp / "run"
-    args = TrainingArgs(iters=10, batch_size=2, learning_rate=1e-3, save_every=2, steps_per_eval=0,
-                        adapter_path=str(out), compile=False)
+    args = TrainingArgs(
+        iters=10,
+        batch_size=2,
+        learning_rate=1e-3,
+        save_every=2,
+        steps_per_eval=0,
+        adapter_path=str(out),
+        compile=False,
+    )
 
     def after(err):
         from lora_course.training import resume as ckpt
@@ -525,17 +588,25 @@ def nan_mid_training(env):
         load_adapters(tiny_model(dim=32, vocab=64), out)
         assert all(mx.all(mx.isfinite(v)).item() for v in ckpt.trainable_arrays(model).values())
 
-    return (lambda: train(model, ds, args=args, loss_fn=poisoned, progress=False, verbose=False)), \
-        TrainingDivergedError, ["step 5", "last good checkpoint (step 4)", str(out)], after
+    return (
+        (lambda: train(model, ds, args=args, loss_fn=poisoned, progress=False, verbose=False)),
+        TrainingDivergedError,
+        ["step 5", "last good checkpoint (step 4)", str(out)],
+        after,
+    )
 
 
 # Known gaps, each waiting for a fix in the owning module (remove the entry with the fix).
 PENDING: dict[str, str] = {}
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(reason=PENDING[n], strict=True)) if n in PENDING else n
-    for n in CASES])
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.xfail(reason=PENDING[n], strict=True)) if n in PENDING else n
+        for n in CASES
+    ],
+)
 def test_bad_input_is_one_clear_line(name, assets, tmp_path):
     built = CASES[name](Env(assets, tmp_path))
     call, exc, words = built[:3]
@@ -602,27 +673,71 @@ def cli_yaml_missing_file(env):
 def cli_train_on_malformed_data(env):
     d = env.copy("data")
     (d / "valid.jsonl").write_text('{"text": "fine"}\n{"text": "broken\n')
-    return ["train", "--model", env.good("ckpt"), "--train", "--data", d, "--iters", 1,
-            "--adapter-path", env.tmp / "a", "--no-progress"], [f"{d / 'valid.jsonl'}:2:", "malformed JSON"]
+    return [
+        "train",
+        "--model",
+        env.good("ckpt"),
+        "--train",
+        "--data",
+        d,
+        "--iters",
+        1,
+        "--adapter-path",
+        env.tmp / "a",
+        "--no-progress",
+    ], [f"{d / 'valid.jsonl'}:2:", "malformed JSON"]
 
 
 @cli_case
 def cli_train_batch_larger_than_data(env):
-    return ["train", "--model", env.good("ckpt"), "--train", "--data", env.good("data"), "--iters", 1,
-            "--batch-size", 64, "--adapter-path", env.tmp / "a", "--no-progress"], \
-        ["batch_size=64", "6 examples"]
+    return [
+        "train",
+        "--model",
+        env.good("ckpt"),
+        "--train",
+        "--data",
+        env.good("data"),
+        "--iters",
+        1,
+        "--batch-size",
+        64,
+        "--adapter-path",
+        env.tmp / "a",
+        "--no-progress",
+    ], ["batch_size=64", "6 examples"]
 
 
 @cli_case
 def cli_train_too_many_layers(env):
-    return ["train", "--model", env.good("ckpt"), "--train", "--data", env.good("data"), "--iters", 1,
-            "--lora-layers", 9, "--adapter-path", env.tmp / "a", "--no-progress"], ["num_layers=9", "2 layers"]
+    return [
+        "train",
+        "--model",
+        env.good("ckpt"),
+        "--train",
+        "--data",
+        env.good("data"),
+        "--iters",
+        1,
+        "--lora-layers",
+        9,
+        "--adapter-path",
+        env.tmp / "a",
+        "--no-progress",
+    ], ["num_layers=9", "2 layers"]
 
 
 @cli_case
 def cli_test_without_adapters(env):
-    return ["train", "--model", env.good("ckpt"), "--test", "--data", env.good("data"),
-            "--adapter-path", env.tmp / "none"], [str(env.tmp / "none"), "adapter_config.json"]
+    return [
+        "train",
+        "--model",
+        env.good("ckpt"),
+        "--test",
+        "--data",
+        env.good("data"),
+        "--adapter-path",
+        env.tmp / "none",
+    ], [str(env.tmp / "none"), "adapter_config.json"]
 
 
 @cli_case
@@ -635,25 +750,40 @@ def cli_convert_truncated_checkpoint(env):
 
 @cli_case
 def cli_convert_bad_group_size(env):
-    return ["convert", "--hf-path", env.good("ckpt"), "--mlx-path", env.tmp / "out", "-q",
-            "--q-group-size", 48], ["group_size=48"]
+    return [
+        "convert",
+        "--hf-path",
+        env.good("ckpt"),
+        "--mlx-path",
+        env.tmp / "out",
+        "-q",
+        "--q-group-size",
+        48,
+    ], ["group_size=48"]
 
 
 @cli_case
 def cli_fuse_adapter_config_missing(env):
     a = env.copy("adapters")
     (a / "adapter_config.json").unlink()
-    return ["fuse", "--model", env.good("ckpt"), "--adapter-path", a, "--save-path", env.tmp / "f"], \
-        [str(a), "adapter_config.json"]
+    return ["fuse", "--model", env.good("ckpt"), "--adapter-path", a, "--save-path", env.tmp / "f"], [
+        str(a),
+        "adapter_config.json",
+    ]
 
 
 @cli_case
 def cli_fuse_adapter_rank_mismatch(env):
     a = env.copy("adapters")
-    edit_tensors(a / "adapters.safetensors",
-                 lambda t: t.update({k: mx.zeros((v.shape[0], 8)) for k, v in t.items() if k.endswith("lora_a")}))
-    return ["fuse", "--model", env.good("ckpt"), "--adapter-path", a, "--save-path", env.tmp / "f"], \
-        [str(a / "adapters.safetensors"), "rank mismatch", ".lora_a'"]
+    edit_tensors(
+        a / "adapters.safetensors",
+        lambda t: t.update({k: mx.zeros((v.shape[0], 8)) for k, v in t.items() if k.endswith("lora_a")}),
+    )
+    return ["fuse", "--model", env.good("ckpt"), "--adapter-path", a, "--save-path", env.tmp / "f"], [
+        str(a / "adapters.safetensors"),
+        "rank mismatch",
+        ".lora_a'",
+    ]
 
 
 @cli_case
@@ -693,8 +823,9 @@ def test_the_cli_table_is_large_enough():
 @pytest.mark.parametrize("name", ["cli_yaml_unknown_key", "cli_train_on_malformed_data"])
 def test_cli_in_a_real_process_exits_non_zero_without_traceback(name, assets, tmp_path):
     argv, words = CLI_CASES[name](Env(assets, tmp_path))
-    result = subprocess.run([sys.executable, "-m", "lora_course", *map(str, argv)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "lora_course", *map(str, argv)], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 1, result.stderr
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr

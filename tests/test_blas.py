@@ -52,7 +52,9 @@ def test_importing_mlx_first_warns_once_with_the_fix():
 
 
 def test_info_reports_the_blas():
-    out = subprocess.run([sys.executable, "-m", "lora_course", "info"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "lora_course", "info"], capture_output=True, text=True, check=True
+    )
     assert "blas" in out.stdout and "mlx" in out.stdout
     assert ("MKL" in out.stdout) or ("OpenBLAS" in out.stdout)
 

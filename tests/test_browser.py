@@ -197,9 +197,7 @@ def check_widgets(page, path):
     """Every saved widget view must have been replaced by a rendered widget."""
     views = page.locator('script[type="application/vnd.jupyter.widget-view+json"]').count()
     if views:
-        page.wait_for_function(
-            "n => document.querySelectorAll('.jupyter-widgets').length >= n", arg=views
-        )
+        page.wait_for_function("n => document.querySelectorAll('.jupyter-widgets').length >= n", arg=views)
         box = page.locator(".jupyter-widgets").first.bounding_box()
         assert box and box["height"] > 0, f"{path}: a widget was rendered with no size"
         state = page.locator('script[type="application/vnd.jupyter.widget-state+json"]')

@@ -7,20 +7,18 @@ import random
 import subprocess
 import sys
 
-import lora_course  # noqa: F401  (BLAS before mlx)
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 
-from lora_course import CheckpointError, Model, ModelArgs, load, save, stream_generate
-from lora_course.model import generate as generate
-from lora_course import atomic
+import lora_course  # noqa: F401  (BLAS before mlx)
+from lora_course import CheckpointError, Model, ModelArgs, atomic, load, save, stream_generate
 from lora_course import checkpoint as ck
+from lora_course.model import generate as generate
+from lora_course.model.generate import DiffDetokenizer, detokenize, filter_logits, generate_tokens, sample
 from lora_course.recipes import convert as conversion
 from lora_course.recipes.cli import main
-from lora_course.model.generate import DiffDetokenizer, detokenize, filter_logits, generate_tokens, sample
 from lora_course.tokenizer.spm import train_tokenizer
 
 WORDS = "the model layer token weight rank def return import self for in if else".split()
@@ -41,8 +39,17 @@ def tok(tmp_path_factory):
 
 def tiny(tie=False, traditional=False, seed=0):
     mx.random.seed(seed)
-    args = ModelArgs(dim=64, n_layers=2, hidden_dim=128, n_heads=4, n_kv_heads=2, vocab_size=VOCAB,
-                     rope_theta=500.0, tie_word_embeddings=tie, rope_traditional=traditional)
+    args = ModelArgs(
+        dim=64,
+        n_layers=2,
+        hidden_dim=128,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=VOCAB,
+        rope_theta=500.0,
+        tie_word_embeddings=tie,
+        rope_traditional=traditional,
+    )
     model = Model(args)
     mx.eval(model.parameters())
     return model
@@ -168,18 +175,51 @@ def test_hf_save_permutes_traditional_rope(tok, tmp_path):
 def test_meta_names_from_consolidated_safetensors(tok, tmp_path):
     """Newer Mistral originals: Meta names in consolidated.safetensors (no torch needed)."""
     model = tiny(traditional=True)
-    meta_names = {v: k for k, v in ((m, ck.meta_to_hf_name(m)) for m in [
-        "tok_embeddings.weight", "norm.weight", "output.weight",
-        *[f"layers.{i}.{n}.weight" for i in range(2) for n in [
-            "attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1",
-            "feed_forward.w2", "feed_forward.w3", "attention_norm", "ffn_norm"]]])}
+    meta_names = {
+        v: k
+        for k, v in (
+            (m, ck.meta_to_hf_name(m))
+            for m in [
+                "tok_embeddings.weight",
+                "norm.weight",
+                "output.weight",
+                *[
+                    f"layers.{i}.{n}.weight"
+                    for i in range(2)
+                    for n in [
+                        "attention.wq",
+                        "attention.wk",
+                        "attention.wv",
+                        "attention.wo",
+                        "feed_forward.w1",
+                        "feed_forward.w2",
+                        "feed_forward.w3",
+                        "attention_norm",
+                        "ffn_norm",
+                    ]
+                ],
+            ]
+        )
+    }
     d = tmp_path / "meta"
     d.mkdir()
-    mx.save_safetensors(str(d / "consolidated.safetensors"),
-                        {meta_names[k]: v for k, v in params(model).items()})
-    (d / "params.json").write_text(json.dumps({
-        "dim": 64, "n_layers": 2, "hidden_dim": 128, "n_heads": 4, "n_kv_heads": 2,
-        "norm_eps": 1e-5, "vocab_size": VOCAB, "rope_theta": 500.0}))
+    mx.save_safetensors(
+        str(d / "consolidated.safetensors"), {meta_names[k]: v for k, v in params(model).items()}
+    )
+    (d / "params.json").write_text(
+        json.dumps(
+            {
+                "dim": 64,
+                "n_layers": 2,
+                "hidden_dim": 128,
+                "n_heads": 4,
+                "n_kv_heads": 2,
+                "norm_eps": 1e-5,
+                "vocab_size": VOCAB,
+                "rope_theta": 500.0,
+            }
+        )
+    )
     tok.save(d)
     loaded, _ = load(d)
     assert loaded.args.rope_traditional is True
@@ -219,7 +259,9 @@ def test_truncated_safetensors(saved, tmp_path):
     c = copy_of(saved, tmp_path)
     data = (c / "model.safetensors").read_bytes()
     (c / "model.safetensors").write_bytes(data[: len(data) - 1000])
-    with pytest.raises(CheckpointError, match=r"model\.safetensors.*Tensor '[\w.]+'.*(corrupt|incomplete)") as e:
+    with pytest.raises(
+        CheckpointError, match=r"model\.safetensors.*Tensor '[\w.]+'.*(corrupt|incomplete)"
+    ) as e:
         load(c)
     assert "\n" not in str(e.value)
 
@@ -235,8 +277,11 @@ def test_missing_shard(saved, tmp_path):
     c = copy_of(saved, tmp_path, shard_mb=0.02)
     second = sorted(c.glob("model-*.safetensors"))[1]
     second.unlink()
-    with pytest.raises(CheckpointError, match=rf"index\.json: shard '{second.name}' "
-                                              r"\(holding tensor '[\w.]+'\) is missing"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"index\.json: shard '{second.name}' "
+        r"\(holding tensor '[\w.]+'\) is missing",
+    ):
         load(c)
 
 
@@ -274,17 +319,23 @@ def test_config_wrong_type_and_unsupported_model(saved, tmp_path):
 def test_vocab_size_disagrees_with_embedding(saved, tmp_path):
     c = copy_of(saved, tmp_path)
     edit_config(c, vocab_size=512)
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor '(model\.embed_tokens|lm_head)"
-                                              r"\.weight' has 400 rows .* vocab_size is 512"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"model\.safetensors: tensor '(model\.embed_tokens|lm_head)"
+        r"\.weight' has 400 rows .* vocab_size is 512",
+    ):
         load(c)
 
 
 def test_mismatched_tensor_shape_names_both_shapes(saved, tmp_path):
     c = copy_of(saved, tmp_path)
     edit_config(c, intermediate_size=96)
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'model\.layers\.\d\.mlp\.\w+_proj"
-                                              r"\.weight' has shape \((128, 64|64, 128)\), but .* expects "
-                                              r"\((96, 64|64, 96)\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"model\.safetensors: tensor 'model\.layers\.\d\.mlp\.\w+_proj"
+        r"\.weight' has shape \((128, 64|64, 128)\), but .* expects "
+        r"\((96, 64|64, 96)\)",
+    ):
         load(c)
 
 
@@ -297,19 +348,32 @@ def rewrite(c, fn):
 def test_wrong_dtype(saved, tmp_path):
     c = copy_of(saved, tmp_path)
     rewrite(c, lambda t: t.update({"model.norm.weight": t["model.norm.weight"].astype(mx.int32)}))
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'model\.norm\.weight' has dtype "
-                                              r"int32, expected float16, bfloat16 or float32"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"model\.safetensors: tensor 'model\.norm\.weight' has dtype "
+        r"int32, expected float16, bfloat16 or float32",
+    ):
         load(c)
 
 
 def test_missing_and_unexpected_tensors(saved, tmp_path):
     c = copy_of(saved, tmp_path)
     rewrite(c, lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"))
-    with pytest.raises(CheckpointError, match=r"tensor 'model\.layers\.1\.self_attn\.k_proj\.weight' \(shape "
-                                              r"\(32, 64\)\) is missing"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"tensor 'model\.layers\.1\.self_attn\.k_proj\.weight' \(shape "
+        r"\(32, 64\)\) is missing",
+    ):
         load(c)
-    rewrite(c, lambda t: t.update({"model.layers.1.self_attn.k_proj.weight": mx.zeros((32, 64)),
-                                   "model.layers.7.mlp.up_proj.weight": mx.zeros((128, 64))}))
+    rewrite(
+        c,
+        lambda t: t.update(
+            {
+                "model.layers.1.self_attn.k_proj.weight": mx.zeros((32, 64)),
+                "model.layers.7.mlp.up_proj.weight": mx.zeros((128, 64)),
+            }
+        ),
+    )
     with pytest.raises(CheckpointError, match=r"unexpected tensor 'model\.layers\.7\.mlp\.up_proj\.weight'"):
         load(c)
 
@@ -348,7 +412,7 @@ def test_greedy_generation_matches_uncached_argmax(saved):
     ids = list(prompt)
     for _ in range(12):  # the slow way: the whole sequence every step, no cache
         ids.append(int(mx.argmax(model(mx.array([ids]))[0, -1]).item()))
-    assert list(generate_tokens(model, prompt, 12)) == ids[len(prompt):]
+    assert list(generate_tokens(model, prompt, 12)) == ids[len(prompt) :]
 
 
 def test_long_prompt_prefills_in_chunks(saved, monkeypatch):
@@ -369,7 +433,7 @@ def test_generate_is_stream_joined_and_seeded(saved):
     assert text == generate(model, tok, "import os", **kw)  # same seed, same text
     prompt = tok.encode("import os")
     ids = prompt + list(generate_tokens(model, prompt, 15))
-    assert generate(model, tok, "import os", max_tokens=15) == tok.decode(ids)[len("import os"):]
+    assert generate(model, tok, "import os", max_tokens=15) == tok.decode(ids)[len("import os") :]
 
 
 class _Scripted:
@@ -417,8 +481,7 @@ def test_sampling_filters():
     hot, cold = probs(temp=2.0), probs(temp=0.5)
     assert hot[0] < 0.5 < cold[0]  # temperature flattens or sharpens
     assert sample(logits, temp=0.0).item() == 0
-    draws = mx.random.categorical(filter_logits(logits, 1.0, top_k=2), num_samples=2000,
-                                  key=mx.random.key(0))
+    draws = mx.random.categorical(filter_logits(logits, 1.0, top_k=2), num_samples=2000, key=mx.random.key(0))
     assert set(np.unique(np.array(draws))) == {0, 1}
     with pytest.raises(ValueError, match="top_p"):
         filter_logits(logits, 1.0, top_p=0.0)
@@ -429,8 +492,25 @@ def test_sampling_filters():
 
 def test_cli_convert_and_generate(saved, tmp_path, capsys):
     out = tmp_path / "q"
-    assert main(["convert", "--hf-path", str(saved), "--mlx-path", str(out), "-q",
-                 "--q-group-size", "32", "--q-bits", "4", "--dtype", "float16"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "--hf-path",
+                str(saved),
+                "--mlx-path",
+                str(out),
+                "-q",
+                "--q-group-size",
+                "32",
+                "--q-bits",
+                "4",
+                "--dtype",
+                "float16",
+            ]
+        )
+        == 0
+    )
     q, _ = load(out)
     assert isinstance(q.layers[1].mlp.down_proj, nn.QuantizedLinear)
     assert q.layers[0].input_layernorm.weight.dtype == mx.float16
@@ -449,13 +529,28 @@ def test_cli_generate_with_adapters(saved, tmp_path, capsys):
     model, tok = load(saved)
     apply_lora(model, num_layers=2, rank=4)
     mx.random.seed(1)  # random A and B, so the adapters change the output
-    model.update(lora_course.tree_map(lambda a: mx.random.normal(a.shape) * 0.5,
-                                      model.trainable_parameters()))
+    model.update(
+        lora_course.tree_map(lambda a: mx.random.normal(a.shape) * 0.5, model.trainable_parameters())
+    )
     save_adapters(model, tmp_path / "adapters")
     expected = generate(model, tok, "def f", max_tokens=10)
     assert expected != generate(load(saved)[0], tok, "def f", max_tokens=10)
-    assert main(["generate", "--model", str(saved), "--adapter-path", str(tmp_path / "adapters"),
-                 "-p", "def f", "-n", "10"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(saved),
+                "--adapter-path",
+                str(tmp_path / "adapters"),
+                "-p",
+                "def f",
+                "-n",
+                "10",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out == "def f" + expected + "\n"
 
 
@@ -468,9 +563,26 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 def test_cli_generate_subprocess(saved):
     result = subprocess.run(
-        [sys.executable, "-m", "lora_course", "generate", "--model", str(saved), "-p", "import",
-         "-n", "5", "--temp", "0.7", "--seed", "1"],
-        capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "lora_course",
+            "generate",
+            "--model",
+            str(saved),
+            "-p",
+            "import",
+            "-n",
+            "5",
+            "--temp",
+            "0.7",
+            "--seed",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("import")
     assert "tokens/s" in result.stderr

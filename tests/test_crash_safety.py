@@ -29,12 +29,10 @@ import random
 import stat
 from pathlib import Path
 
-import lora_course  # noqa: F401  (BLAS before mlx)
-
 import mlx.core as mx
-import mlx.optimizers as optim
 import pytest
 
+import lora_course  # noqa: F401  (BLAS before mlx)
 from lora_course import (
     AdapterError,
     CheckpointError,
@@ -42,6 +40,7 @@ from lora_course import (
     ModelArgs,
     TrainingArgs,
     apply_lora,
+    atomic,
     build_docstring_dataset,
     load,
     load_adapters,
@@ -50,9 +49,8 @@ from lora_course import (
     train,
     train_tokenizer,
 )
-from lora_course import atomic
-from lora_course.training import resume as ckpt
 from lora_course.tokenizer.spm import Tokenizer
+from lora_course.training import resume as ckpt
 
 # ----------------------------------------------------------------------------- a failing disk
 
@@ -135,6 +133,7 @@ class FailingDisk:
                 if self._inside(p):
                     raise self._denied(p)
             return real(path, *args, **kwargs)
+
         return wrapper
 
     def os_open(self, path, flags, *args, **kwargs):
@@ -192,8 +191,17 @@ def toks(tmp_path_factory):
 
 def tiny(seed=0, dim=64, vocab=400):
     mx.random.seed(seed)
-    model = Model(ModelArgs(dim=dim, n_layers=2, hidden_dim=2 * dim, n_heads=4, n_kv_heads=2,
-                            vocab_size=vocab, rope_theta=500.0))
+    model = Model(
+        ModelArgs(
+            dim=dim,
+            n_layers=2,
+            hidden_dim=2 * dim,
+            n_heads=4,
+            n_kv_heads=2,
+            vocab_size=vocab,
+            rope_theta=500.0,
+        )
+    )
     mx.eval(model.parameters())
     return model
 
@@ -202,28 +210,43 @@ def adapters_saver(toks):
     old, new = apply_lora(tiny(), num_layers=2, rank=4), apply_lora(tiny(1), num_layers=1, rank=8)
     new.update(lora_course.tree_map(lambda p: p + 0.5, new.trainable_parameters()))  # non-zero lora_b
     mx.eval(old.parameters(), new.parameters())
-    return ((lambda d: save_adapters(old, d)), (lambda d: save_adapters(new, d)),
-            (lambda d: load_adapters(tiny(2), d)), AdapterError)
+    return (
+        (lambda d: save_adapters(old, d)),
+        (lambda d: save_adapters(new, d)),
+        (lambda d: load_adapters(tiny(2), d)),
+        AdapterError,
+    )
 
 
 def fused_saver(fmt):
     def make(toks):
         tok, templated = toks
         old, new = tiny(0), tiny(1)
-        return ((lambda d: save(old, tok, d, format=fmt)),
-                (lambda d: save(new, templated, d, format=fmt, shard_size_mb=0.02)),  # shards + index
-                (lambda d: load(d, lazy=False)), CheckpointError)
+        return (
+            (lambda d: save(old, tok, d, format=fmt)),
+            (lambda d: save(new, templated, d, format=fmt, shard_size_mb=0.02)),  # shards + index
+            (lambda d: load(d, lazy=False)),
+            CheckpointError,
+        )
+
     return make
 
 
 def dataset_saver(toks):
-    return ((lambda d: build_docstring_dataset(["json"], d, test_fraction=0.2, seed=0)),
-            (lambda d: build_docstring_dataset(["json"], d, test_fraction=0.1, seed=1)),
-            (lambda d: [(d / f"{s}.jsonl").read_text() for s in ("train", "valid", "test")]), OSError)
+    return (
+        (lambda d: build_docstring_dataset(["json"], d, test_fraction=0.2, seed=0)),
+        (lambda d: build_docstring_dataset(["json"], d, test_fraction=0.1, seed=1)),
+        (lambda d: [(d / f"{s}.jsonl").read_text() for s in ("train", "valid", "test")]),
+        OSError,
+    )
 
 
-SAVERS = {"adapters": adapters_saver, "fused_mlx": fused_saver("mlx"), "fused_hf": fused_saver("hf"),
-          "dataset": dataset_saver}
+SAVERS = {
+    "adapters": adapters_saver,
+    "fused_mlx": fused_saver("mlx"),
+    "fused_hf": fused_saver("hf"),
+    "dataset": dataset_saver,
+}
 FAILURES = [("full", 1), ("full", 2), ("full", 3), ("full", 4), ("full", 6), ("read-only", 1), ("fsync", 1)]
 
 
@@ -261,8 +284,10 @@ def test_a_failed_save_keeps_the_old_version_whole(saver, mode, fail_at, toks, t
     check(out)  # what is there loads
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into 0o500 directories; the simulated "
-                                              "read-only cases above cover it")
+@pytest.mark.skipif(
+    os.geteuid() == 0,
+    reason="root writes into 0o500 directories; the simulated read-only cases above cover it",
+)
 @pytest.mark.parametrize("saver", list(SAVERS))
 def test_a_real_read_only_directory(saver, toks, tmp_path):
     save_old, save_new, check, error = SAVERS[saver](toks)
@@ -291,8 +316,15 @@ def run(out, iters, resume=False):
     mx.random.seed(0)
     model = Model(ModelArgs(dim=32, n_layers=2, hidden_dim=64, n_heads=4, n_kv_heads=2, vocab_size=64))
     apply_lora(model, num_layers=2, rank=2, dropout=0.1)
-    args = TrainingArgs(iters=iters, batch_size=2, learning_rate=1e-2, save_every=2, steps_per_eval=0,
-                        steps_per_report=1, adapter_path=str(out))
+    args = TrainingArgs(
+        iters=iters,
+        batch_size=2,
+        learning_rate=1e-2,
+        save_every=2,
+        steps_per_eval=0,
+        steps_per_report=1,
+        adapter_path=str(out),
+    )
     steps = {}
 
     class Log:
@@ -313,9 +345,12 @@ def reference(tmp_path_factory):
 TRAIN_FAILURES = [("full", k) for k in (1, 2, 3, 4, 5, 7)] + [("read-only", 1), ("fsync", 1)]
 
 
-@pytest.mark.parametrize("mode,fail_at", TRAIN_FAILURES,
-                         ids=[f"{m}{k}" if m == "full" else m for m, k in TRAIN_FAILURES])
-def test_a_failed_checkpoint_leaves_a_run_that_resumes_exactly(mode, fail_at, reference, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "mode,fail_at", TRAIN_FAILURES, ids=[f"{m}{k}" if m == "full" else m for m, k in TRAIN_FAILURES]
+)
+def test_a_failed_checkpoint_leaves_a_run_that_resumes_exactly(
+    mode, fail_at, reference, tmp_path, monkeypatch
+):
     out = tmp_path / "run"
     assert run(out, 4) == {s: reference[s] for s in range(1, 5)}  # the previous checkpoint: step 4
 
@@ -331,8 +366,11 @@ def test_a_failed_checkpoint_leaves_a_run_that_resumes_exactly(mode, fail_at, re
     step = ckpt.load_training_state(out)[2]["step"]
     assert step in (4, 6, 8)
     json.loads((out / "adapter_config.json").read_text())
-    load_adapters(Model(ModelArgs(dim=32, n_layers=2, hidden_dim=64, n_heads=4, n_kv_heads=2, vocab_size=64)),
-                  out)
+    load_adapters(
+        Model(ModelArgs(dim=32, n_layers=2, hidden_dim=64, n_heads=4, n_kv_heads=2, vocab_size=64)), out
+    )
     resumed = run(out, 8, resume=True)
     assert sorted(resumed) == list(range(step + 1, 9))
-    assert all(resumed[s] == reference[s] for s in resumed), "resumed losses differ from the uninterrupted run"
+    assert all(resumed[s] == reference[s] for s in resumed), (
+        "resumed losses differ from the uninterrupted run"
+    )

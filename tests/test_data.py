@@ -15,8 +15,10 @@ from hypothesis import strategies as st
 from lora_course import DatasetError, TokenizedDataset, load_dataset, train_tokenizer
 from lora_course.data.records import DatasetWarning
 
-WORDS = ("the a of model layer token weight rank alpha train loss data batch user "
-         "assistant system what is hello yes no def return x y").split()
+WORDS = (
+    "the a of model layer token weight rank alpha train loss data batch user "
+    "assistant system what is hello yes no def return x y"
+).split()
 
 
 def corpus(n=300, seed=0):
@@ -54,6 +56,7 @@ def targets(tok, tokens, mask):
 
 # -- formats ----------------------------------------------------------------------------------
 
+
 def test_text_jsonl(tok, tmp_path):
     texts = ["hello model", "  indented\n\tcode", "unicode café 🙂"]
     ds = load(jsonl(tmp_path / "d.jsonl", [{"text": t, "id": i} for i, t in enumerate(texts)]), tok)
@@ -69,14 +72,17 @@ def test_text_jsonl(tok, tmp_path):
 
 
 def test_completion_jsonl_unmasked_is_plain_concatenation(tok, tmp_path):
-    ds = load(jsonl(tmp_path / "c.jsonl", [{"prompt": "Q: what is rank?\nA:", "completion": " the rank"}]), tok)
+    ds = load(
+        jsonl(tmp_path / "c.jsonl", [{"prompt": "Q: what is rank?\nA:", "completion": " the rank"}]), tok
+    )
     assert ds[0] == (tok.encode("Q: what is rank?\nA: the rank", eos=True), None)
 
 
 def test_completion_mask_token_by_token(tok, tmp_path):
     prompt, completion = "Q: what is alpha?\nA:", " alpha is the weight"
-    ds = load(jsonl(tmp_path / "c.jsonl", [{"prompt": prompt, "completion": completion}]), tok,
-              mask_prompt=True)
+    ds = load(
+        jsonl(tmp_path / "c.jsonl", [{"prompt": prompt, "completion": completion}]), tok, mask_prompt=True
+    )
     tokens, mask = ds[0]
     assert tokens == tok.encode(prompt + completion, eos=True) and len(mask) == len(tokens)
     # token j carries loss exactly when the text decoded up to j reaches past the prompt
@@ -90,9 +96,13 @@ def test_completion_mask_token_by_token(tok, tmp_path):
 
 
 def test_chat_default_format_and_mask(tok, tmp_path):
-    msgs = [{"role": "system", "content": "be short"}, {"role": "user", "content": "hello"},
-            {"role": "assistant", "content": "yes"}, {"role": "user", "content": "what is x?"},
-            {"role": "assistant", "content": "x is data"}]
+    msgs = [
+        {"role": "system", "content": "be short"},
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "yes"},
+        {"role": "user", "content": "what is x?"},
+        {"role": "assistant", "content": "x is data"},
+    ]
     path = jsonl(tmp_path / "chat.jsonl", [{"messages": msgs}])
     plain = load(path, tok)
     text = "system: be short\nuser: hello\nassistant: yes\nuser: what is x?\nassistant: x is data\n"
@@ -113,8 +123,11 @@ def test_chat_default_format_and_mask(tok, tmp_path):
 
 
 def test_chat_ending_with_user_has_unmasked_eos(tok, tmp_path):
-    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"},
-            {"role": "user", "content": "bye"}]
+    msgs = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yes"},
+        {"role": "user", "content": "bye"},
+    ]
     tokens, mask = load(jsonl(tmp_path / "c.jsonl", [{"messages": msgs}]), tok, mask_prompt=True)[0]
     assert tokens[-1] == tok.eos_id and mask[-1] == 0
     assert targets(tok, tokens, mask).strip() == "yes"
@@ -123,9 +136,11 @@ def test_chat_ending_with_user_has_unmasked_eos(tok, tmp_path):
 def test_chat_with_jinja_template(tok, tmp_path):
     from lora_course import Tokenizer
 
-    template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] "
-                "{{ m['content'] }} [/INST]{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}"
-                "{% endfor %}")
+    template = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] "
+        "{{ m['content'] }} [/INST]{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}"
+        "{% endfor %}"
+    )
     t = Tokenizer(tok.path, chat_template=template)
     msgs = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "yes"}]
     path = jsonl(tmp_path / "c.jsonl", [{"messages": msgs}])
@@ -179,6 +194,7 @@ def test_no_eos(tok, tmp_path):
 
 # -- chunking, dedup, truncation ----------------------------------------------------------------
 
+
 def test_chunking(tok, tmp_path):
     text = " ".join(WORDS * 4)
     full = tok.encode(text, eos=True)
@@ -191,8 +207,12 @@ def test_chunking(tok, tmp_path):
 
 def test_chunking_with_mask_drops_chunks_without_targets(tok, tmp_path):
     prompt, completion = " ".join(WORDS) + "\n", "yes"
-    ds = load(jsonl(tmp_path / "d.jsonl", [{"prompt": prompt, "completion": completion}]), tok,
-              mask_prompt=True, chunk_tokens=8)
+    ds = load(
+        jsonl(tmp_path / "d.jsonl", [{"prompt": prompt, "completion": completion}]),
+        tok,
+        mask_prompt=True,
+        chunk_tokens=8,
+    )
     assert len(ds) >= 1 and all(any(m[1:]) for _, m in ds)
     assert "yes" in "".join(targets(tok, t, m) for t, m in ds)
 
@@ -250,8 +270,11 @@ BAD_JSONL = [
     ('{"messages": "hi"}\n', 1, "non-empty list"),
     ('{"messages": []}\n', 1, "non-empty list"),
     ('{"messages": [{"role": "user"}]}\n', 1, "messages[0] must be an object with 'role' and 'content'"),
-    ('{"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]}\n', 1,
-     "messages[1] has unknown role 'tool'"),
+    (
+        '{"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]}\n',
+        1,
+        "messages[1] has unknown role 'tool'",
+    ),
     ('{"messages": [{"role": "user", "content": ["a"]}]}\n', 1, "'content' must be a string"),
 ]
 
@@ -363,8 +386,12 @@ def record(draw, shape):
     good = {
         "text": lambda: {"text": draw(text_st)},
         "completion": lambda: {"prompt": draw(st.text(chars, max_size=20)), "completion": draw(text_st)},
-        "chat": lambda: {"messages": [{"role": draw(role_st), "content": draw(st.text(chars, max_size=20))}
-                                      for _ in range(draw(st.integers(1, 3)))]},
+        "chat": lambda: {
+            "messages": [
+                {"role": draw(role_st), "content": draw(st.text(chars, max_size=20))}
+                for _ in range(draw(st.integers(1, 3)))
+            ]
+        },
     }
     kind = draw(st.sampled_from(["ok"] * 18 + BROKEN))
     if kind == "ok":
@@ -379,8 +406,11 @@ def record(draw, shape):
     if kind == "array":
         return json.dumps([1, 2]), "expected a JSON object", None
     if kind == "type":
-        return json.dumps({"text": draw(st.integers() | st.none() | st.lists(st.integers()))}), \
-            "must be a string", "text"
+        return (
+            json.dumps({"text": draw(st.integers() | st.none() | st.lists(st.integers()))}),
+            "must be a string",
+            "text",
+        )
     role = draw(st.sampled_from(["tool", "bot", "User"]))
     return json.dumps({"messages": [{"role": role, "content": "x"}]}), "unknown role", "chat"
 
@@ -458,7 +488,7 @@ def test_csv_loader_property(tok, texts):
     with open(path, "w", newline="", encoding="utf-8") as f:
         csv.writer(f).writerows([["text", "n"]] + [[t, i] for i, t in enumerate(texts)])
     if "" in texts:
-        with pytest.raises(DatasetError, match=rf"p\.csv:\d+: empty cell in column 'text'"):
+        with pytest.raises(DatasetError, match=r"p\.csv:\d+: empty cell in column 'text'"):
             load(path, tok)
         return
     ds = load(path, tok, max_seq_length=10_000)
@@ -466,8 +496,11 @@ def test_csv_loader_property(tok, texts):
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(st.sampled_from(["a b", "model", "  x = 1", "rank alpha"] + WORDS), min_size=1,
-                max_size=12), st.integers(2, 9), st.booleans())
+@given(
+    st.lists(st.sampled_from(["a b", "model", "  x = 1", "rank alpha"] + WORDS), min_size=1, max_size=12),
+    st.integers(2, 9),
+    st.booleans(),
+)
 def test_chunk_dedup_property(tok, words, chunk, dedup):
     texts = [" ".join(words[i:]) for i in range(len(words))] + [" ".join(words)]
     path = TMP / "c.jsonl"
@@ -479,5 +512,6 @@ def test_chunk_dedup_property(tok, words, chunk, dedup):
         assert len(samples) == len(set(samples))
     else:  # every text ends in exactly one chunk with EOS, and no tokens are lost
         assert sum(s[-1] == tok.eos_id for s in samples) == len(texts)
-        assert sum(len(s) for s in samples) - len(samples) == sum(len(tok.encode(t, eos=True)) - 1
-                                                                 for t in texts)
+        assert sum(len(s) for s in samples) - len(samples) == sum(
+            len(tok.encode(t, eos=True)) - 1 for t in texts
+        )

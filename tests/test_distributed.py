@@ -5,11 +5,10 @@ import subprocess
 import sys
 import textwrap
 
-import lora_course  # noqa: F401  (BLAS before mlx)
-
 import numpy as np
 import pytest
 
+import lora_course  # noqa: F401  (BLAS before mlx)
 from lora_course.training.distributed import launch, launcher
 
 WORKER = textwrap.dedent(
@@ -69,8 +68,12 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     script.write_text(WORKER)
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
-    single = subprocess.run([sys.executable, str(script), str(tmp_path / "one"), str(tmp_path / "a1")],
-                            capture_output=True, text=True, timeout=600)
+    single = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "one"), str(tmp_path / "a1")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert single.returncode == 0, single.stderr
     pair = launch(script, tmp_path / "two", tmp_path / "a2", n=2, timeout=600)
     assert pair.returncode == 0, pair.stdout + pair.stderr
@@ -91,4 +94,6 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     assert r0["test_loss"] == pytest.approx(one["test_loss"], abs=1e-5)
     assert r0["tokens"] == one["tokens"]  # token counts are summed over ranks
     assert r0["reports"] == 4 and r1["reports"] == 0  # callbacks run on rank 0 only
-    assert sorted(p.name for p in (tmp_path / "a2").iterdir()) == sorted(p.name for p in (tmp_path / "a1").iterdir())
+    assert sorted(p.name for p in (tmp_path / "a2").iterdir()) == sorted(
+        p.name for p in (tmp_path / "a1").iterdir()
+    )

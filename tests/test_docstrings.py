@@ -76,7 +76,9 @@ FILES = {
 
 
         def long_doc():
-            """''' + "word " * 1000 + '''"""
+            """'''
+    + "word " * 1000
+    + '''"""
     ''',
     "broken.py": "raise ImportError('an optional dependency is missing')\n",
     "exits.py": "raise SystemExit(3)\n",
@@ -99,21 +101,37 @@ def fakepkg(tmp_path, monkeypatch):
 
 
 def read(folder):
-    return {s: [json.loads(line)["text"] for line in (folder / f"{s}.jsonl").read_text().splitlines()]
-            for s in ("train", "valid", "test") if (folder / f"{s}.jsonl").exists()}
+    return {
+        s: [json.loads(line)["text"] for line in (folder / f"{s}.jsonl").read_text().splitlines()]
+        for s in ("train", "valid", "test")
+        if (folder / f"{s}.jsonl").exists()
+    }
 
 
 def test_records_names_and_counts(fakepkg, tmp_path):
     counts = build_docstring_dataset([fakepkg], tmp_path / "out", seq_limit=300, test_fraction=0)
     texts = read(tmp_path / "out")["train"]
     by_name = {t.split("\n")[1].split(" ")[1]: t for t in texts}
-    assert sorted(by_name) == sorted(f"{PKG}.{n}" for n in [
-        "ReLU", "ReLU.forward", "ReLU.name", "ReLU.make", "relu", "util.Documented", "util.long_doc"])
+    assert sorted(by_name) == sorted(
+        f"{PKG}.{n}"
+        for n in [
+            "ReLU",
+            "ReLU.forward",
+            "ReLU.name",
+            "ReLU.make",
+            "relu",
+            "util.Documented",
+            "util.long_doc",
+        ]
+    )
     # the shortest public path, the short name in the question, whitespace cleaned
     assert by_name[f"{PKG}.ReLU"] == (
         f"Q: What is ReLU in {PKG}?\nA: {PKG}.ReLU Applies the rectified linear unit.\n\n"
-        "    Simply max(x, 0).\n\nExtra paragraph.")
-    assert by_name[f"{PKG}.ReLU.forward"] == f"Q: What is ReLU.forward in {PKG}?\nA: {PKG}.ReLU.forward Run it."
+        "    Simply max(x, 0).\n\nExtra paragraph."
+    )
+    assert (
+        by_name[f"{PKG}.ReLU.forward"] == f"Q: What is ReLU.forward in {PKG}?\nA: {PKG}.ReLU.forward Run it."
+    )
     assert len(by_name[f"{PKG}.util.long_doc"]) == 300  # capped at seq_limit characters
     assert counts["records"] == counts["train"] == 7 and counts["valid"] == counts["test"] == 0
     # lc_fakepkg, .layers, .layers.act, .util imported; broken and exits skipped and counted
@@ -127,10 +145,12 @@ def test_deterministic(fakepkg, tmp_path):
     a = build_docstring_dataset([fakepkg, "json"], tmp_path / "a", test_fraction=0.2, seed=3)
     b = build_docstring_dataset([fakepkg, "json"], tmp_path / "b", test_fraction=0.2, seed=3)
     for split in ("train", "valid", "test"):
-        assert (tmp_path / "a" / f"{split}.jsonl").read_bytes() == (tmp_path / "b" / f"{split}.jsonl").read_bytes()
+        assert (tmp_path / "a" / f"{split}.jsonl").read_bytes() == (
+            tmp_path / "b" / f"{split}.jsonl"
+        ).read_bytes()
     a.pop("seconds"), b.pop("seconds")
     assert a == b
-    c = build_docstring_dataset([fakepkg, "json"], tmp_path / "c", test_fraction=0.2, seed=4)
+    build_docstring_dataset([fakepkg, "json"], tmp_path / "c", test_fraction=0.2, seed=4)
     ra, rc = read(tmp_path / "a"), read(tmp_path / "c")
     assert ra != rc and sorted(sum(ra.values(), [])) == sorted(sum(rc.values(), []))
 
@@ -145,8 +165,9 @@ def test_split_fractions_and_loading(tmp_path):
     assert len(set(everything)) == n  # each record in exactly one split
     assert any(t.startswith("Q: What is dumps in json?\nA: json.dumps Serialize") for t in everything)
     # defined in json.decoder, exported by json: named json.JSONDecodeError
-    assert any(t.startswith("Q: What is JSONDecodeError in json?\nA: json.JSONDecodeError ")
-               for t in everything)
+    assert any(
+        t.startswith("Q: What is JSONDecodeError in json?\nA: json.JSONDecodeError ") for t in everything
+    )
     tok = train_tokenizer(everything, 400, None)
     splits = load_dataset(tmp_path / "j", tok)
     assert [len(s) for s in splits] == [counts["train"], counts["valid"], counts["test"]]
@@ -176,8 +197,21 @@ def test_errors(tmp_path):
 
 def test_cli(tmp_path, capsys):
     out = tmp_path / "cli"
-    rc = main(["dataset", "--packages", "json", "--out", str(out), "--seq-limit", "100",
-               "--test-fraction", "0.2", "--seed", "1"])
+    rc = main(
+        [
+            "dataset",
+            "--packages",
+            "json",
+            "--out",
+            str(out),
+            "--seq-limit",
+            "100",
+            "--test-fraction",
+            "0.2",
+            "--seed",
+            "1",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert printed.startswith(f"wrote {out}: train ") and "0 modules failed" in printed

@@ -1,12 +1,11 @@
 """fastmath: every fast function equals the MLX op it replaces, values and gradients."""
 
-import lora_course  # noqa: F401  (BLAS before mlx)
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 
+import lora_course  # noqa: F401  (BLAS before mlx)
 from lora_course.model import fastmath as fastmath
 
 
@@ -24,7 +23,8 @@ def test_small_inputs_use_the_mlx_op(monkeypatch):
     q, k = mx.random.normal((1, 4, 1, 16)), mx.random.normal((1, 4, 30, 16))  # decoding one token
     np.testing.assert_array_equal(
         np.array(fastmath.attention(q, k, k, 0.25, causal=False)),
-        np.array(mx.fast.scaled_dot_product_attention(q, k, k, scale=0.25)))
+        np.array(mx.fast.scaled_dot_product_attention(q, k, k, scale=0.25)),
+    )
 
 
 def rel_err(a, b, floor=1e-6):
@@ -60,8 +60,11 @@ def test_activations_match_mlx(fast, dtype):
     # Half types are computed in float32 and rounded once: compare with MLX in float32.
     tol = {mx.float32: 1e-6, mx.float16: 1e-3, mx.bfloat16: 8e-3}[dtype]
     x32 = x.astype(mx.float32)
-    for got, want in [(fastmath.sigmoid(x), mx.sigmoid(x32)), (fastmath.silu(x), nn.silu(x32)),
-                      (fastmath.softmax(x), mx.softmax(x32, axis=-1))]:
+    for got, want in [
+        (fastmath.sigmoid(x), mx.sigmoid(x32)),
+        (fastmath.silu(x), nn.silu(x32)),
+        (fastmath.softmax(x), mx.softmax(x32, axis=-1)),
+    ]:
         assert got.dtype == dtype
         assert rel_err(got, want, floor=1e-3) < tol
     assert rel_err(fastmath.logsumexp(x, axis=0), mx.logsumexp(x32, axis=0)) < tol
@@ -72,9 +75,12 @@ def test_gradients_match_mlx(fast):
     mx.random.seed(2)
     x = mx.random.normal((4, 33)) * 3
     w = mx.random.normal((4, 33))
-    pairs = [(fastmath.silu, nn.silu), (fastmath.sigmoid, mx.sigmoid),
-             (fastmath.softmax, lambda a: mx.softmax(a, axis=-1)),
-             (lambda a: fastmath.logsumexp(a)[:, None], lambda a: mx.logsumexp(a, axis=-1)[:, None])]
+    pairs = [
+        (fastmath.silu, nn.silu),
+        (fastmath.sigmoid, mx.sigmoid),
+        (fastmath.softmax, lambda a: mx.softmax(a, axis=-1)),
+        (lambda a: fastmath.logsumexp(a)[:, None], lambda a: mx.logsumexp(a, axis=-1)[:, None]),
+    ]
     for ours, theirs in pairs:
         g1 = mx.grad(lambda a: (ours(a) * w).sum())(x)
         g2 = mx.grad(lambda a: (theirs(a) * w).sum())(x)
@@ -110,7 +116,9 @@ def test_cross_entropy_matches_mlx(fast):
     np.testing.assert_allclose(np.array(fastmath.cross_entropy(big, mx.array([1]))), [1e4])
 
 
-@pytest.mark.parametrize("heads,kv_heads,q_len,k_len", [(4, 4, 7, 7), (4, 2, 7, 7), (4, 1, 3, 9), (2, 2, 1, 6)])
+@pytest.mark.parametrize(
+    "heads,kv_heads,q_len,k_len", [(4, 4, 7, 7), (4, 2, 7, 7), (4, 1, 3, 9), (2, 2, 1, 6)]
+)
 def test_attention_matches_fast_sdpa(fast, heads, kv_heads, q_len, k_len):
     mx.random.seed(4)
     q = mx.random.normal((2, heads, q_len, 16))
@@ -126,8 +134,14 @@ def test_attention_matches_fast_sdpa(fast, heads, kv_heads, q_len, k_len):
         return lambda q, k, v: (fn(q, k, v) * v.mean()).sum()
 
     g1 = mx.grad(loss(lambda q, k, v: fastmath.attention(q, k, v, 0.25, causal)), argnums=(0, 1, 2))(q, k, v)
-    g2 = mx.grad(loss(lambda q, k, v: mx.fast.scaled_dot_product_attention(
-        q, k, v, scale=0.25, mask="causal" if causal else None)), argnums=(0, 1, 2))(q, k, v)
+    g2 = mx.grad(
+        loss(
+            lambda q, k, v: mx.fast.scaled_dot_product_attention(
+                q, k, v, scale=0.25, mask="causal" if causal else None
+            )
+        ),
+        argnums=(0, 1, 2),
+    )(q, k, v)
     for a, b in zip(g1, g2):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5)
 
@@ -138,8 +152,9 @@ def test_off_path_is_the_mlx_op(monkeypatch):
     np.testing.assert_array_equal(np.array(fastmath.exp(x)), np.array(mx.exp(x)))
     np.testing.assert_array_equal(np.array(fastmath.silu(x)), np.array(nn.silu(x)))
     t = mx.array([1, 2, 3])
-    np.testing.assert_array_equal(np.array(fastmath.cross_entropy(x, t)),
-                                  np.array(nn.losses.cross_entropy(x, t)))
+    np.testing.assert_array_equal(
+        np.array(fastmath.cross_entropy(x, t)), np.array(nn.losses.cross_entropy(x, t))
+    )
 
 
 def test_compiles(fast):

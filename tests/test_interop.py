@@ -7,12 +7,11 @@ transformers, and a SentencePiece ``tokenizer.model`` for ``lora_course.load``.
 
 import json
 
-import lora_course as lc
-
 import mlx.core as mx
 import numpy as np
 import pytest
 
+import lora_course as lc
 from lora_course.tree import tree_flatten
 
 pytestmark = pytest.mark.reference
@@ -39,9 +38,17 @@ def hf_dir(tmp_path_factory):
     # "rope_parameters", which mlx-lm 0.32 does not read, so any other value would make
     # mlx-lm's base model differ from transformers' and ours before any adapter is applied.
     config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=256, max_position_embeddings=128,
-        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).to(torch.float32).eval()
     model.save_pretrained(folder, safe_serialization=True)
@@ -50,7 +57,8 @@ def hf_dir(tmp_path_factory):
     wordlevel = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
     wordlevel.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=wordlevel, unk_token="w0", bos_token="w1", eos_token="w2")
+        tokenizer_object=wordlevel, unk_token="w0", bos_token="w1", eos_token="w2"
+    )
     fast.save_pretrained(folder)
 
     text = [f"the quick brown fox jumps over the lazy dog {i} times" for i in range(100)]
@@ -67,8 +75,9 @@ def randomize_trainable(model, seed=0, std=0.05):
     """Stand-in for training: move every trainable tensor away from its initial value."""
     params = tree_flatten(model.trainable_parameters())
     keys = mx.random.split(mx.random.key(seed), len(params))
-    model.load_weights([(k, v + std * mx.random.normal(v.shape, key=key))
-                        for (k, v), key in zip(params, keys)], strict=False)
+    model.load_weights(
+        [(k, v + std * mx.random.normal(v.shape, key=key)) for (k, v), key in zip(params, keys)], strict=False
+    )
     mx.eval(model.parameters())
 
 
@@ -77,11 +86,11 @@ def randomize_trainable(model, seed=0, std=0.05):
 
 @pytest.mark.parametrize("kind", ["lora", "dora"])
 def test_adapters_trained_by_mlx_lm_load_in_lora_course(hf_dir, tmp_path, kind):
+    import mlx.optimizers as optim
     from mlx_lm.lora import CONFIG_DEFAULTS
     from mlx_lm.tuner.trainer import TrainingArgs, train
     from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm.utils import save_config
-    import mlx.optimizers as optim
 
     mx.random.seed(0)
     theirs, _ = mlx_lm.load(str(hf_dir))
@@ -91,11 +100,24 @@ def test_adapters_trained_by_mlx_lm_load_in_lora_course(hf_dir, tmp_path, kind):
     # mlx-lm's own training loop, a few steps, writing its own adapters file
     rng = np.random.default_rng(0)
     data = [(rng.integers(3, 256, size=12).tolist(), 0) for _ in range(8)]
-    args = TrainingArgs(batch_size=4, iters=3, steps_per_report=100, steps_per_eval=100,
-                        steps_per_save=100, adapter_file=str(tmp_path / "adapters.safetensors"))
+    args = TrainingArgs(
+        batch_size=4,
+        iters=3,
+        steps_per_report=100,
+        steps_per_eval=100,
+        steps_per_save=100,
+        adapter_file=str(tmp_path / "adapters.safetensors"),
+    )
     train(theirs, optim.Adam(learning_rate=1e-2), data, None, args=args)
-    config = {**CONFIG_DEFAULTS, "model": str(hf_dir), "train": True, "fine_tune_type": kind,
-              "num_layers": 1, "adapter_path": str(tmp_path), "lora_parameters": lora_parameters}
+    config = {
+        **CONFIG_DEFAULTS,
+        "model": str(hf_dir),
+        "train": True,
+        "fine_tune_type": kind,
+        "num_layers": 1,
+        "adapter_path": str(tmp_path),
+        "lora_parameters": lora_parameters,
+    }
     save_config(config, tmp_path / "adapter_config.json")
 
     theirs.eval()
@@ -115,8 +137,15 @@ def test_adapters_trained_by_mlx_lm_load_in_lora_course(hf_dir, tmp_path, kind):
 def test_our_adapters_load_in_mlx_lm(hf_dir, tmp_path, kind, rslora):
     ours, _ = lc.load(hf_dir)
     keys = None if kind == "full" else KEYS
-    lc.apply_lora(ours, num_layers=1 if kind == "full" else 2, keys=keys, rank=4, alpha=8.0, kind=kind,
-                  use_rslora=rslora)
+    lc.apply_lora(
+        ours,
+        num_layers=1 if kind == "full" else 2,
+        keys=keys,
+        rank=4,
+        alpha=8.0,
+        kind=kind,
+        use_rslora=rslora,
+    )
     randomize_trainable(ours)
     lc.save_adapters(ours, tmp_path / "ad")
     expected = ours(mx.array(TOKENS))
@@ -132,8 +161,14 @@ def test_our_adapters_load_in_mlx_lm(hf_dir, tmp_path, kind, rslora):
 @pytest.mark.parametrize("kind,rslora", [("lora", False), ("lora", True), ("dora", False)])
 def test_peft_adapter_imports_with_equal_logits(hf_dir, tmp_path, kind, rslora):
     base = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-    config = peft.LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj", "v_proj", "down_proj"],
-                             lora_dropout=0.0, use_dora=kind == "dora", use_rslora=rslora)
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=12,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        lora_dropout=0.0,
+        use_dora=kind == "dora",
+        use_rslora=rslora,
+    )
     model = peft.get_peft_model(base, config)
     torch.manual_seed(1)
     with torch.no_grad():
@@ -169,16 +204,27 @@ def test_fused_hf_export_loads_in_transformers(hf_dir, tmp_path, kind, quantized
 
     model_dir = hf_dir
     if quantized:
-        model_dir = lc.convert(hf_path=hf_dir, mlx_path=tmp_path / "q4", quantize=True,
-                               q_group_size=32, q_bits=4)
+        model_dir = lc.convert(
+            hf_path=hf_dir, mlx_path=tmp_path / "q4", quantize=True, q_group_size=32, q_bits=4
+        )
     ours, _ = lc.load(model_dir)
     lc.apply_lora(ours, num_layers=2, keys=KEYS, rank=4, kind=kind)
     randomize_trainable(ours)
     lc.save_adapters(ours, tmp_path / "ad")
     expected = ours(mx.array(TOKENS))
 
-    rc = main(["fuse", "--model", str(model_dir), "--adapter-path", str(tmp_path / "ad"),
-               "--save-path", str(tmp_path / "fused"), "--export-hf"])
+    rc = main(
+        [
+            "fuse",
+            "--model",
+            str(model_dir),
+            "--adapter-path",
+            str(tmp_path / "ad"),
+            "--save-path",
+            str(tmp_path / "fused"),
+            "--export-hf",
+        ]
+    )
     assert rc == 0
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fused", dtype=torch.float32)
     assert max_err(hf_logits(hf.eval()), expected) <= 1e-4

@@ -2,15 +2,14 @@
 
 import math
 
-import lora_course as lc
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 
-from lora_course.adapters.dora import DoRALinear, dora_reference, row_norms
+import lora_course as lc
 from lora_course.adapters.apply import LoRAConfig, apply_lora, count_parameters, fuse
+from lora_course.adapters.dora import DoRALinear, dora_reference, row_norms
 from lora_course.adapters.lora import LoRALinear
 from lora_course.tree import tree_flatten
 
@@ -125,9 +124,11 @@ def test_lora_gradients_reach_only_lora_a_and_lora_b():
     flat = dict(tree_flatten(grads))
     assert set(flat) == {"lora_a", "lora_b"}
     assert all(mx.abs(g).max().item() > 0 for g in flat.values())
+
     # gradient of the plain formula with respect to A and B
     def plain(a, b):
         return ((layer.linear(X) + layer.scale * (X @ a) @ b) ** 2).sum()
+
     ga, gb = mx.grad(plain, argnums=(0, 1))(layer.lora_a, layer.lora_b)
     assert max_err(flat["lora_a"], ga) <= 1e-3 * mx.abs(ga).max().item()
     assert max_err(flat["lora_b"], gb) <= 1e-3 * mx.abs(gb).max().item()
@@ -160,8 +161,7 @@ def test_dora_magnitude_is_per_output_row():
     lin = make_linear(in_dims=64, out_dims=48)
     layer = DoRALinear.from_linear(lin)
     assert layer.m.shape == (48,)
-    np.testing.assert_allclose(np.asarray(layer.m), np.linalg.norm(np.asarray(lin.weight), axis=1),
-                               rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(layer.m), np.linalg.norm(np.asarray(lin.weight), axis=1), rtol=1e-6)
     assert mx.allclose(row_norms(lin.weight), layer.m).item()
 
 
@@ -187,12 +187,12 @@ def trainable_names(model):
 def test_apply_lora_adapts_last_blocks_and_starts_at_the_base(tiny_model, kind):
     tokens = mx.array([[1, 2, 3, 4, 5]])
     before = tiny_model(tokens)
-    out = apply_lora(tiny_model, num_layers=1, keys=["self_attn.q_proj", "mlp.down_proj"],
-                     rank=4, kind=kind)
+    out = apply_lora(tiny_model, num_layers=1, keys=["self_attn.q_proj", "mlp.down_proj"], rank=4, kind=kind)
     assert out is tiny_model
     leaves = {"lora_a", "lora_b"} | ({"m"} if kind == "dora" else set())
-    expected = {f"model.layers.1.{k}.{leaf}" for k in ("self_attn.q_proj", "mlp.down_proj")
-                for leaf in leaves}
+    expected = {
+        f"model.layers.1.{k}.{leaf}" for k in ("self_attn.q_proj", "mlp.down_proj") for leaf in leaves
+    }
     assert trainable_names(tiny_model) == expected
     assert isinstance(tiny_model.layers[0].self_attn.q_proj, nn.Linear)  # block 0 untouched
     assert max_err(tiny_model(tokens), before) <= 1e-5
@@ -273,8 +273,14 @@ def test_count_parameters_float_and_quantized(tiny_model, tiny_args, capsys):
     assert out.startswith(f"trainable params: {lora:,} || all params: {total + lora:,} || trainable%: ")
     assert f"{100 * lora / (total + lora):.4f}" in out and "quantized" not in out
 
-    nn.quantize(tiny_model, group_size=32, bits=4, class_predicate=lambda p, m: isinstance(
-        m, (nn.Linear, nn.Embedding)) and not p.endswith("q_proj.linear"))
+    nn.quantize(
+        tiny_model,
+        group_size=32,
+        bits=4,
+        class_predicate=lambda p, m: (
+            isinstance(m, (nn.Linear, nn.Embedding)) and not p.endswith("q_proj.linear")
+        ),
+    )
     c = lc.print_trainable_parameters(tiny_model)
     assert (c["trainable"], c["total"], c["quantized"]) == (lora, total + lora, True)
     assert c["quantization_overhead"] > 0 and c["quantized_params"] > 0
@@ -282,8 +288,14 @@ def test_count_parameters_float_and_quantized(tiny_model, tiny_args, capsys):
 
 
 def test_lora_config_reads_mlx_lm_format():
-    cfg = LoRAConfig.from_dict({"fine_tune_type": "lora", "num_layers": 4, "model": "x",
-                                "lora_parameters": {"rank": 8, "scale": 20.0, "dropout": 0.1}})
+    cfg = LoRAConfig.from_dict(
+        {
+            "fine_tune_type": "lora",
+            "num_layers": 4,
+            "model": "x",
+            "lora_parameters": {"rank": 8, "scale": 20.0, "dropout": 0.1},
+        }
+    )
     assert (cfg.rank, cfg.alpha, cfg.scale, cfg.dropout, cfg.keys) == (8, 160.0, 20.0, 0.1, None)
     back = LoRAConfig.from_dict(LoRAConfig("dora", 2, ["self_attn.q_proj"], 16, 8.0, 0.0, True).to_dict())
     assert back == LoRAConfig("dora", 2, ["self_attn.q_proj"], 16, 8.0, 0.0, True)
@@ -308,8 +320,12 @@ def test_fuse_keeps_the_quantized_layer_class():
 
 def test_bad_arguments_leave_the_model_untouched(tiny_model):
     before = trainable_names(tiny_model)
-    for kw in [dict(num_layers=3), dict(num_layers=2, keys=["mlp.nope"]), dict(num_layers=2, rank=0),
-               dict(num_layers=2, kind="full", keys=["mlp.up_proj"])]:
+    for kw in [
+        dict(num_layers=3),
+        dict(num_layers=2, keys=["mlp.nope"]),
+        dict(num_layers=2, rank=0),
+        dict(num_layers=2, kind="full", keys=["mlp.up_proj"]),
+    ]:
         with pytest.raises(ValueError):
             apply_lora(tiny_model, **kw)
         assert trainable_names(tiny_model) == before and getattr(tiny_model, "lora_config", None) is None

@@ -2,17 +2,16 @@
 
 import math
 
-import lora_course  # noqa: F401  (BLAS before mlx)
-
 import mlx.core as mx
 import numpy as np
 import pytest
 
+import lora_course  # noqa: F401  (BLAS before mlx)
 from lora_course import Model, ModelArgs
-from lora_course.training.losses import distillation_loss, js_div_loss, kl_div_loss
 from lora_course.adapters.apply import apply_lora
 from lora_course.training.args import TrainingArgs
 from lora_course.training.evaluate import evaluate
+from lora_course.training.losses import distillation_loss, js_div_loss, kl_div_loss
 from lora_course.training.trainer import train
 
 
@@ -66,7 +65,9 @@ def test_divergence_properties(logits):
 
 def test_gradient_flows_to_the_student_only(logits):
     s, t, _ = logits
-    g_s, g_t = mx.grad(lambda a, b: kl_div_loss(a, mx.stop_gradient(b)), argnums=(0, 1))(mx.array(s), mx.array(t))
+    g_s, g_t = mx.grad(lambda a, b: kl_div_loss(a, mx.stop_gradient(b)), argnums=(0, 1))(
+        mx.array(s), mx.array(t)
+    )
     assert float(mx.abs(g_s).sum().item()) > 0 and float(mx.abs(g_t).sum().item()) == 0
     # d KL / d student_logits = (q - p) / n_positions at T = 1
     q, p = np.exp(np_log_softmax(s, 1)), np.exp(np_log_softmax(t, 1))
@@ -95,9 +96,18 @@ def test_training_with_a_teacher_pulls_the_student_toward_it(tmp_path, kind):
     data = [([int(t) for t in rng.integers(1, 64, 16)], None) for _ in range(8)]
     objective = distillation_loss(teacher, kind=kind, temperature=2.0)
     before = evaluate(student, data, 8, loss_fn=objective)[0]
-    hist = train(student, data, args=TrainingArgs(iters=30, batch_size=8, learning_rate=3e-2, steps_per_eval=0,
-                                                  adapter_path=str(tmp_path)),
-                 teacher=teacher, distill=kind, temperature=2.0, progress=False, verbose=False)
+    hist = train(
+        student,
+        data,
+        args=TrainingArgs(
+            iters=30, batch_size=8, learning_rate=3e-2, steps_per_eval=0, adapter_path=str(tmp_path)
+        ),
+        teacher=teacher,
+        distill=kind,
+        temperature=2.0,
+        progress=False,
+        verbose=False,
+    )
     after = evaluate(student, data, 8, loss_fn=objective)[0]
     assert hist.losses[0] == pytest.approx(before, rel=1e-4)
     assert after < 0.7 * before

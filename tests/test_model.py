@@ -1,12 +1,11 @@
 """The transformer: fused kernels agree with the plain math and with mlx.nn; the KV cache is exact."""
 
-import lora_course as lc
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 
+import lora_course as lc
 from lora_course.model.attention import attention_reference
 from lora_course.model.norm import rms_norm_reference
 from lora_course.model.rope import rope_reference
@@ -113,10 +112,18 @@ def test_parameter_names_follow_the_ecosystem(tiny_model):
 
 def test_model_args_from_hf_config():
     hf = {
-        "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
-        "vocab_size": 256, "rope_parameters": {"rope_theta": 123.0, "rope_type": "default"},
-        "tie_word_embeddings": True, "torch_dtype": "float32", "some_unknown_key": 1,
+        "model_type": "llama",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-6,
+        "vocab_size": 256,
+        "rope_parameters": {"rope_theta": 123.0, "rope_type": "default"},
+        "tie_word_embeddings": True,
+        "torch_dtype": "float32",
+        "some_unknown_key": 1,
     }
     args = lc.ModelArgs.from_dict(hf)
     assert (args.dim, args.n_layers, args.hidden_dim, args.n_heads, args.n_kv_heads) == (64, 2, 128, 4, 2)
@@ -126,8 +133,16 @@ def test_model_args_from_hf_config():
 
 
 def test_model_args_from_meta_params():
-    meta = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 256,
-            "multiple_of": 32, "norm_eps": 1e-5, "rope_theta": 1e6}
+    meta = {
+        "dim": 64,
+        "n_layers": 2,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "vocab_size": 256,
+        "multiple_of": 32,
+        "norm_eps": 1e-5,
+        "rope_theta": 1e6,
+    }
     args = lc.ModelArgs.from_dict(meta)
     assert args.rope_traditional is True  # Meta weights rotate interleaved pairs
     assert args.hidden_dim == 192  # 2 * 4 * 64 / 3 = 170 -> rounded up to a multiple of 32

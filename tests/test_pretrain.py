@@ -3,19 +3,31 @@
 import json
 from pathlib import Path
 
-import lora_course  # noqa: F401  (BLAS before mlx)
-
 import mlx.core as mx
 import numpy as np
 import pytest
 
+import lora_course  # noqa: F401  (BLAS before mlx)
 from lora_course.data.corpus import build_corpus, module_names, save_corpus
 from lora_course.recipes.pretrain import PretrainConfig, init_weights, pack, pretrain
 
 ASSETS = Path(lora_course.__file__).parent / "assets" / "base"
-TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=400, seq_length=32,
-            packages=("json",), iters=6, batch_size=4, warmup=2, steps_per_eval=3, val_batches=2,
-            valid_fraction=0.2)
+TINY = dict(
+    dim=32,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    hidden_dim=64,
+    vocab_size=400,
+    seq_length=32,
+    packages=("json",),
+    iters=6,
+    batch_size=4,
+    warmup=2,
+    steps_per_eval=3,
+    val_batches=2,
+    valid_fraction=0.2,
+)
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -128,8 +140,13 @@ def test_init_weights_follows_gpt2():
 def test_tiny_pretrain_writes_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "tiny"
     log = pretrain(PretrainConfig(**TINY), out, progress=False, verbose=False)
-    for name in ("config.json", "model.safetensors", "tokenizer.model", "training_log.json",
-                 "training_curve.png"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.model",
+        "training_log.json",
+        "training_curve.png",
+    ):
         assert (out / name).is_file(), name
     model, tokenizer = lora_course.load(out)
     assert model.args.dim == 32 and model.args.n_kv_heads == 2 and model.args.tie_word_embeddings
@@ -154,8 +171,21 @@ def test_pretrain_refuses_a_foreign_directory(tmp_path):
 def test_pretrain_cli_parses_flags():
     from lora_course.recipes.cli import build_parser
 
-    args = build_parser().parse_args(["pretrain", "--out", "x", "--iters", "5", "--packages", "json",
-                                      "--learning-rate", "0.01", "--init", "gpt2"])
+    args = build_parser().parse_args(
+        [
+            "pretrain",
+            "--out",
+            "x",
+            "--iters",
+            "5",
+            "--packages",
+            "json",
+            "--learning-rate",
+            "0.01",
+            "--init",
+            "gpt2",
+        ]
+    )
     cfg = PretrainConfig.from_dict(vars(args))
     assert cfg.iters == 5 and cfg.packages == ("json",) and cfg.learning_rate == 0.01 and cfg.init == "gpt2"
     assert cfg.dim == PretrainConfig().dim and PretrainConfig().init == "mlx"

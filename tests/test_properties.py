@@ -15,13 +15,20 @@ import json
 import tempfile
 from pathlib import Path
 
-import lora_course  # noqa: F401  (BLAS before mlx)
-
 import mlx.core as mx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_course import AdapterError, CheckpointError, Model, ModelArgs, TrainingArgs, apply_lora, save_adapters
+import lora_course  # noqa: F401  (BLAS before mlx)
+from lora_course import (
+    AdapterError,
+    CheckpointError,
+    Model,
+    ModelArgs,
+    TrainingArgs,
+    apply_lora,
+    save_adapters,
+)
 from lora_course.adapters.files import load_adapters
 from lora_course.checkpoint.config import read_config
 from lora_course.config import ConfigError
@@ -31,9 +38,14 @@ TMP = Path(tempfile.mkdtemp(prefix="lora_course_props_"))
 
 # Values a hand-edited or foreign config might hold for any key.
 junk = st.one_of(
-    st.none(), st.booleans(), st.integers(-3, 16), st.integers(-2**70, 2**70),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=6),
-    st.lists(st.integers(0, 4), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 16),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=6),
+    st.lists(st.integers(0, 4), max_size=3),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
 )
 
 
@@ -44,23 +56,56 @@ def one_line_naming(err: Exception, name: str) -> None:
 
 # ----------------------------------------------------------------------------- config.json
 
-GOOD_HF = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-           "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 256, "rms_norm_eps": 1e-5,
-           "rope_theta": 10000.0, "tie_word_embeddings": False, "hidden_act": "silu"}
+GOOD_HF = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+    "vocab_size": 256,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+}
 
 
 @st.composite
 def hf_configs(draw):
     config = dict(GOOD_HF)
-    for key in draw(st.lists(st.sampled_from(sorted(GOOD_HF) + ["head_dim", "rope_scaling", "rope_parameters", "max_position_embeddings"]),
-                             max_size=3, unique=True)):
+    for key in draw(
+        st.lists(
+            st.sampled_from(
+                sorted(GOOD_HF) + ["head_dim", "rope_scaling", "rope_parameters", "max_position_embeddings"]
+            ),
+            max_size=3,
+            unique=True,
+        )
+    ):
         action = draw(st.sampled_from(["drop", "junk", "near"]))
         if action == "drop":
             config.pop(key, None)
         elif action == "near":  # plausible values, some of them wrong
-            config[key] = draw(st.sampled_from(["llama", "mistral", "gpt2", None, 1, 3, 8, 1e-6, True,
-                                                {"type": "linear", "factor": 2.0}, {"type": "linear"},
-                                                {"rope_type": "yarn", "factor": 4.0}, {"rope_theta": 5e5}]))
+            config[key] = draw(
+                st.sampled_from(
+                    [
+                        "llama",
+                        "mistral",
+                        "gpt2",
+                        None,
+                        1,
+                        3,
+                        8,
+                        1e-6,
+                        True,
+                        {"type": "linear", "factor": 2.0},
+                        {"type": "linear"},
+                        {"rope_type": "yarn", "factor": 4.0},
+                        {"rope_theta": 5e5},
+                    ]
+                )
+            )
         else:
             config[key] = draw(junk)
     return config
@@ -100,22 +145,36 @@ PARAM_KEYS = ["rank", "scale", "alpha", "dropout", "keys", "use_rslora"]
 def adapter_configs(draw):
     config = json.loads(json.dumps(GOOD_ADAPTER))
     params = config["lora_parameters"]
-    for key in draw(st.lists(st.sampled_from(PARAM_KEYS + ["num_layers", "fine_tune_type", "lora_parameters"]),
-                             max_size=3, unique=True)):
+    for key in draw(
+        st.lists(
+            st.sampled_from(PARAM_KEYS + ["num_layers", "fine_tune_type", "lora_parameters"]),
+            max_size=3,
+            unique=True,
+        )
+    ):
         where = params if key in PARAM_KEYS and isinstance(params, dict) else config
         action = draw(st.sampled_from(["drop", "junk", "near"]))
         if action == "drop":
             where.pop(key, None)
         elif action == "near":  # plausible but maybe wrong for this model
-            where[key] = draw({
-                "rank": st.sampled_from([1, 2, 4, 8]), "scale": st.sampled_from([2.0, 1.0, 0.5]),
-                "alpha": st.sampled_from([8.0, 4.0, 16.0]), "dropout": st.sampled_from([0.0, 0.5, 1.0]),
-                "keys": st.lists(st.sampled_from(["self_attn.q_proj", "mlp.up_proj", "self_attn.wq", "q_proj"]),
-                                 min_size=1, max_size=2, unique=True),
-                "use_rslora": st.booleans(), "num_layers": st.sampled_from([-1, 0, 1, 2, 3]),
-                "fine_tune_type": st.sampled_from(["lora", "dora", "full", "ia3"]),
-                "lora_parameters": st.just(None),
-            }[key])
+            where[key] = draw(
+                {
+                    "rank": st.sampled_from([1, 2, 4, 8]),
+                    "scale": st.sampled_from([2.0, 1.0, 0.5]),
+                    "alpha": st.sampled_from([8.0, 4.0, 16.0]),
+                    "dropout": st.sampled_from([0.0, 0.5, 1.0]),
+                    "keys": st.lists(
+                        st.sampled_from(["self_attn.q_proj", "mlp.up_proj", "self_attn.wq", "q_proj"]),
+                        min_size=1,
+                        max_size=2,
+                        unique=True,
+                    ),
+                    "use_rslora": st.booleans(),
+                    "num_layers": st.sampled_from([-1, 0, 1, 2, 3]),
+                    "fine_tune_type": st.sampled_from(["lora", "dora", "full", "ia3"]),
+                    "lora_parameters": st.just(None),
+                }[key]
+            )
         else:
             where[key] = draw(junk)
     return config
@@ -142,13 +201,31 @@ def test_adapter_config_loads_or_gives_an_adapter_error(config):
 
 # ----------------------------------------------------------------------------- training options
 
-OPTIONS = ["iters", "batch_size", "learning_rate", "lr_schedule", "warmup", "optimizer", "grad_clip",
-           "steps_per_eval", "val_batches", "epochs", "early_stopping_patience", "seed", "compile"]
+OPTIONS = [
+    "iters",
+    "batch_size",
+    "learning_rate",
+    "lr_schedule",
+    "warmup",
+    "optimizer",
+    "grad_clip",
+    "steps_per_eval",
+    "val_batches",
+    "epochs",
+    "early_stopping_patience",
+    "seed",
+    "compile",
+]
 
 
 @settings(max_examples=300)
-@given(st.dictionaries(st.sampled_from(OPTIONS + ["learnig_rate", "lora_layers", "batch-size"]),
-                       st.one_of(junk, st.sampled_from(["cosine", "adamw", "1e-4", "lion"])), max_size=4))
+@given(
+    st.dictionaries(
+        st.sampled_from(OPTIONS + ["learnig_rate", "lora_layers", "batch-size"]),
+        st.one_of(junk, st.sampled_from(["cosine", "adamw", "1e-4", "lion"])),
+        max_size=4,
+    )
+)
 def test_training_options_build_or_name_the_bad_key(options):
     try:
         args = TrainingArgs.from_dict(options, source="run.yaml")

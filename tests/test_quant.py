@@ -1,7 +1,5 @@
 """Our quantizer against MLX's: same packed words, scales and biases, bit for bit."""
 
-import lora_course  # noqa: F401  (BLAS before mlx)
-
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -9,7 +7,17 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from lora_course.quant.quantize import MAX_ABS_WEIGHT, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QuantizationError, dequantize, pack, quantize, unpack
+import lora_course  # noqa: F401  (BLAS before mlx)
+from lora_course.quant.quantize import (
+    MAX_ABS_WEIGHT,
+    SUPPORTED_BITS,
+    SUPPORTED_GROUP_SIZES,
+    QuantizationError,
+    dequantize,
+    pack,
+    quantize,
+    unpack,
+)
 
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 
@@ -217,14 +225,24 @@ import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 
 from lora_course import Model, ModelArgs, apply_lora, fuse  # noqa: E402
-from lora_course.quant.dequant import DequantEmbedding  # noqa: E402
-from lora_course.quant.dequant import DequantLinear, dequant_matmul
-from lora_course.quant.size import effective_bits, model_size
+from lora_course.quant.dequant import (
+    DequantEmbedding,  # noqa: E402
+    DequantLinear,
+    dequant_matmul,
+)
 from lora_course.quant.layers import quantize_model, use_dequant_layers
+from lora_course.quant.size import effective_bits, model_size
 from lora_course.tree import tree_flatten  # noqa: E402
 
-BLOCK_LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+BLOCK_LINEARS = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+]
 
 
 def tiny(**overrides):
@@ -266,8 +284,9 @@ def test_custom_predicate_embedding_and_tied_head():
     model = tiny(tie_word_embeddings=True)
     tokens = mx.random.randint(0, 256, (2, 8))
     before = model(tokens)
-    quantize_model(model, 64, 8, predicate=lambda path, m: "mlp" in path or "embed" in path,
-                   quantize_embedding=True)
+    quantize_model(
+        model, 64, 8, predicate=lambda path, m: "mlp" in path or "embed" in path, quantize_embedding=True
+    )
     assert isinstance(model.model.embed_tokens, DequantEmbedding)
     assert type(model.layers[0].self_attn.q_proj) is nn.Linear
     assert isinstance(model.layers[0].mlp.up_proj, DequantLinear)
@@ -356,8 +375,9 @@ def test_dequant_matmul_gradient_via_value_and_grad_keeps_weights_frozen():
 
 def test_use_dequant_layers_swaps_stock_layers_sharing_arrays():
     model = tiny()
-    nn.quantize(model, 64, 4, class_predicate=lambda p, m: isinstance(m, nn.Linear)
-                and m.weight.shape[0] != 256)
+    nn.quantize(
+        model, 64, 4, class_predicate=lambda p, m: isinstance(m, nn.Linear) and m.weight.shape[0] != 256
+    )
     tokens = mx.random.randint(0, 256, (1, 8))
     before = model(tokens)
     stock_weight = model.layers[0].mlp.up_proj.weight
@@ -414,8 +434,9 @@ def test_qlora_loss_goes_down_and_fuse_dequantizes():
     assert model.layers[0].mlp.up_proj.linear.weight is frozen  # the packed base never moved
     logits = model(x)
     fuse(model, de_quantize=True)
-    assert not any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
-                   for _, m in model.named_modules())
+    assert not any(
+        isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()
+    )
     assert model.args.quantization is None
     assert mx.abs(model(x) - logits).max().item() <= 1e-4
 
@@ -425,8 +446,7 @@ def test_quantized_model_save_load_round_trip(tmp_path):
     from lora_course.checkpoint.load import load
     from lora_course.checkpoint.save import save
 
-    tokenizer = train_tokenizer([f"line {i}: cats, dogs and quantized weights" for i in range(50)],
-                                300, None)
+    tokenizer = train_tokenizer([f"line {i}: cats, dogs and quantized weights" for i in range(50)], 300, None)
     model = tiny(vocab_size=tokenizer.vocab_size)
     quantize_model(model, group_size=32, bits=4)
     save(model, tokenizer, tmp_path / "ckpt")
@@ -463,8 +483,9 @@ def test_dequant_path_memory_does_not_grow_with_depth(compiled):
 
     def extra_peak_mib(n_layers):
         mx.random.seed(0)
-        layers = [DequantLinear.from_linear(nn.Linear(dims, dims, bias=False), 64, 4)
-                  for _ in range(n_layers)]
+        layers = [
+            DequantLinear.from_linear(nn.Linear(dims, dims, bias=False), 64, 4) for _ in range(n_layers)
+        ]
         for layer in layers:
             layer.path = "dequant"
         mx.eval([layer.parameters() for layer in layers])

@@ -3,21 +3,37 @@
 import json
 from pathlib import Path
 
-import lora_course
-
 import mlx.core as mx
 import pytest
 
+import lora_course
 from lora_course.recipes.cli import main
 
 ASSETS = Path(lora_course.__file__).parent / "assets" / "base"
-TINY_FLAGS = ["--iters", "4", "--batch-size", "4", "--max-samples", "16", "--max-seq-length", "64",
-              "--questions", "2", "--answer-tokens", "8", "--quiet"]
+TINY_FLAGS = [
+    "--iters",
+    "4",
+    "--batch-size",
+    "4",
+    "--max-samples",
+    "16",
+    "--max-seq-length",
+    "64",
+    "--questions",
+    "2",
+    "--answer-tokens",
+    "8",
+    "--quiet",
+]
 
 
 def _check_outputs(out: Path, printed: str, n_questions: int) -> dict:
-    for name in ("adapters/adapters.safetensors", "adapters/adapter_config.json", "loss_curve.png",
-                 "results.json"):
+    for name in (
+        "adapters/adapters.safetensors",
+        "adapters/adapter_config.json",
+        "loss_curve.png",
+        "results.json",
+    ):
         assert (out / name).is_file(), name
     results = json.loads((out / "results.json").read_text())
     assert "before" in printed and "after" in printed and "perplexity" in printed
@@ -26,7 +42,9 @@ def _check_outputs(out: Path, printed: str, n_questions: int) -> dict:
     for qa in results["questions"]:
         assert qa["question"].endswith("\nA:") and qa["question"].split("\n")[0] in printed
     assert len(results["train_loss"]) == 4
-    assert results["loss_reduction"] == pytest.approx(1 - results["after"]["loss"] / results["before"]["loss"])
+    assert results["loss_reduction"] == pytest.approx(
+        1 - results["after"]["loss"] / results["before"]["loss"]
+    )
     return results
 
 
@@ -51,8 +69,17 @@ def _tiny_checkpoint(folder: Path) -> None:
     text = [f"Q: What is f{i} in pkg?\nA: pkg.f{i} returns {i} plus one, as an integer." for i in range(60)]
     tok = train_tokenizer(text, 300, None)
     mx.random.seed(0)
-    model = Model(ModelArgs(dim=32, n_layers=2, hidden_dim=64, n_heads=4, n_kv_heads=2,
-                            vocab_size=tok.vocab_size, tie_word_embeddings=True))
+    model = Model(
+        ModelArgs(
+            dim=32,
+            n_layers=2,
+            hidden_dim=64,
+            n_heads=4,
+            n_kv_heads=2,
+            vocab_size=tok.vocab_size,
+            tie_word_embeddings=True,
+        )
+    )
     save(model, tok, folder)
 
 
@@ -64,8 +91,23 @@ def test_quickstart_with_your_own_model_and_data(tmp_path, capsys):
         rows = [{"text": f"Q: What is g{i} in pkg?\nA: pkg.g{i} returns {i} times two."} for i in rng]
         (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "qs"
-    assert main(["quickstart", "--model", str(ckpt), "--data", str(data), "--out", str(out),
-                 "--learning-rate", "0.01", *TINY_FLAGS]) == 0
+    assert (
+        main(
+            [
+                "quickstart",
+                "--model",
+                str(ckpt),
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--learning-rate",
+                "0.01",
+                *TINY_FLAGS,
+            ]
+        )
+        == 0
+    )
     results = _check_outputs(out, capsys.readouterr().out, 2)
     assert results["held_out_split"] == "valid.jsonl"  # no test.jsonl: valid is the held-out set
     assert not (out / "data").exists()  # nothing was built

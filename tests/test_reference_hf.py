@@ -13,34 +13,44 @@ import pytest
 torch = pytest.importorskip("torch", reason="reference tests need the 'reference' extra (torch)")
 transformers = pytest.importorskip("transformers", reason="reference tests need the 'reference' extra")
 
-import lora_course  # noqa: E402,F401  (BLAS before mlx)
-
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
+import lora_course  # noqa: E402,F401  (BLAS before mlx)
 from lora_course import CheckpointError, load, save  # noqa: E402
-from lora_course import checkpoint as ck  # noqa: E402
-from lora_course.tree import tree_flatten  # noqa: E402
-from lora_course.recipes import convert as conversion
 from lora_course.checkpoint import meta as meta_format  # noqa: E402
-from lora_course.recipes.cli import main  # noqa: E402
 from lora_course.model.generate import generate_tokens  # noqa: E402
+from lora_course.recipes import convert as conversion
+from lora_course.recipes.cli import main  # noqa: E402
 from lora_course.tokenizer.spm import train_tokenizer  # noqa: E402
+from lora_course.tree import tree_flatten  # noqa: E402
 
 pytestmark = pytest.mark.reference
 
 VOCAB = 400
 WORDS = "the model layer token weight rank def return import self for in if else".split()
-SMALL = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
-             vocab_size=VOCAB, max_position_embeddings=256)
+SMALL = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    intermediate_size=128,
+    num_attention_heads=4,
+    vocab_size=VOCAB,
+    max_position_embeddings=256,
+)
 CASES = {
     # name: (config class, config kwargs, save_pretrained kwargs)
-    "llama_gqa_untied_theta": ("LlamaConfig", dict(num_key_value_heads=2, rope_theta=500000.0,
-                                                   tie_word_embeddings=False), {}),
+    "llama_gqa_untied_theta": (
+        "LlamaConfig",
+        dict(num_key_value_heads=2, rope_theta=500000.0, tie_word_embeddings=False),
+        {},
+    ),
     "mistral": ("MistralConfig", dict(num_key_value_heads=1, tie_word_embeddings=False), {}),
     "llama_tied": ("LlamaConfig", dict(num_key_value_heads=4, tie_word_embeddings=True), {}),
-    "llama_sharded": ("LlamaConfig", dict(num_key_value_heads=2, rope_theta=1e6,
-                                          tie_word_embeddings=False), dict(max_shard_size="60KB")),
+    "llama_sharded": (
+        "LlamaConfig",
+        dict(num_key_value_heads=2, rope_theta=1e6, tie_word_embeddings=False),
+        dict(max_shard_size="60KB"),
+    ),
 }
 IDS = [[1, 17, 42, 99, 5, 300, 7, 250, 3, 64, 399, 12]]
 
@@ -48,8 +58,10 @@ IDS = [[1, 17, 42, 99, 5, 300, 7, 250, 3, 64, 399, 12]]
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     rng = random.Random(0)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10))) + f" x_{i} = {i * 7}"
-             for i in range(300)]
+    lines = [
+        " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10))) + f" x_{i} = {i * 7}"
+        for i in range(300)
+    ]
     return train_tokenizer(lines, VOCAB, tmp_path_factory.mktemp("tok") / "tiny")
 
 
@@ -97,9 +109,10 @@ def test_greedy_ids_match_transformers(hf_case):
     prompt = IDS[0][:5]
     ours = list(generate_tokens(model, prompt, 20))
     with torch.no_grad():
-        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=20, min_new_tokens=20,
-                          do_sample=False, pad_token_id=0)
-    assert ours == ref[0, len(prompt):].tolist()
+        ref = hf.generate(
+            torch.tensor([prompt]), max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0
+        )
+    assert ours == ref[0, len(prompt) :].tolist()
 
 
 def test_hf_round_trip_through_transformers(hf_case, tmp_path):
@@ -129,11 +142,17 @@ def to_meta(hf, n_shards=1):
     """The HF model's weights with Meta names, RoPE rows back in interleaved order."""
     c = hf.config
     names = {"model.embed_tokens": "tok_embeddings", "model.norm": "norm", "lm_head": "output"}
-    layer = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
-             "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
-             "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
-             "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
-             "post_attention_layernorm": "ffn_norm"}
+    layer = {
+        "self_attn.q_proj": "attention.wq",
+        "self_attn.k_proj": "attention.wk",
+        "self_attn.v_proj": "attention.wv",
+        "self_attn.o_proj": "attention.wo",
+        "mlp.gate_proj": "feed_forward.w1",
+        "mlp.down_proj": "feed_forward.w2",
+        "mlp.up_proj": "feed_forward.w3",
+        "input_layernorm": "attention_norm",
+        "post_attention_layernorm": "ffn_norm",
+    }
     state = {}
     for name, w in hf.state_dict().items():
         stem = name.rsplit(".", 1)[0]
@@ -160,8 +179,9 @@ def to_meta(hf, n_shards=1):
 def meta_hf(tok, tmp_path_factory):
     """A Llama whose FFN width follows Meta's multiple_of recipe: int(2 * 4 * 64 / 3) -> 192."""
     torch.manual_seed(1)
-    config = transformers.LlamaConfig(**{**SMALL, "intermediate_size": 192}, num_key_value_heads=2,
-                                      rope_theta=500000.0, rms_norm_eps=1e-6)
+    config = transformers.LlamaConfig(
+        **{**SMALL, "intermediate_size": 192}, num_key_value_heads=2, rope_theta=500000.0, rms_norm_eps=1e-6
+    )
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
@@ -171,9 +191,20 @@ def test_meta_pth_matches_hf_layout(meta_hf, tok, tmp_path, n_shards):
     d.mkdir()
     for i, shard in enumerate(to_meta(meta_hf, n_shards)):
         torch.save(shard, d / f"consolidated.{i:02d}.pth")
-    (d / "params.json").write_text(json.dumps({
-        "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 32,
-        "norm_eps": 1e-6, "vocab_size": -1, "rope_theta": 500000.0}))
+    (d / "params.json").write_text(
+        json.dumps(
+            {
+                "dim": 64,
+                "n_layers": 2,
+                "n_heads": 4,
+                "n_kv_heads": 2,
+                "multiple_of": 32,
+                "norm_eps": 1e-6,
+                "vocab_size": -1,
+                "rope_theta": 500000.0,
+            }
+        )
+    )
     tok.save(d)
     model, _ = load(d)
     assert model.args.rope_traditional and model.args.vocab_size == VOCAB
@@ -203,8 +234,9 @@ def test_malicious_pth_is_refused_without_running_code(tmp_path, tok):
     marker = tmp_path / "PWNED"
     d = tmp_path / "evil"
     d.mkdir()
-    torch.save({"tok_embeddings.weight": torch.zeros(4, 4), "payload": _Evil(marker)},
-               d / "consolidated.00.pth")
+    torch.save(
+        {"tok_embeddings.weight": torch.zeros(4, 4), "payload": _Evil(marker)}, d / "consolidated.00.pth"
+    )
     (d / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 2, "n_heads": 4}))
     tok.save(d)
     with pytest.raises(CheckpointError, match=r"consolidated\.00\.pth: refused to load") as e:

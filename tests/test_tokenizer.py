@@ -10,8 +10,10 @@ from hypothesis import strategies as st
 from lora_course import Tokenizer, train_tokenizer
 from lora_course.tokenizer.spm import TokenizerError
 
-WORDS = ("the a of model layer token weight rank alpha train loss data batch "
-         "def return import self x y for in range if else print").split()
+WORDS = (
+    "the a of model layer token weight rank alpha train loss data batch "
+    "def return import self x y for in range if else print"
+).split()
 
 
 def corpus(n=300, seed=0):
@@ -42,7 +44,7 @@ TRICKY = [
     "windows\r\nline\r\nends",
     "unicode: café naïve Ελληνικά 日本語 🙂🚀",
     "digits 1234567890 and 3.14159",
-    "{\"json\": [1, 2, {\"k\": null}]}",
+    '{"json": [1, 2, {"k": null}]}',
 ]
 
 
@@ -119,17 +121,21 @@ def test_offsets_parse_special_pieces(tok):
 
 
 def test_default_chat_format(tok):
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-            {"role": "assistant", "content": "Hello."}]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+    ]
     assert tok.apply_chat_template(msgs) == "system: Be brief.\nuser: Hi\nassistant: Hello.\n"
-    assert tok.apply_chat_template(msgs[:2], add_generation_prompt=True).endswith(
-        "user: Hi\nassistant: ")
+    assert tok.apply_chat_template(msgs[:2], add_generation_prompt=True).endswith("user: Hi\nassistant: ")
 
 
 def test_jinja_chat_template_saved_and_read(tok, tmp_path):
-    template = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}"
-                "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
-                "{% if add_generation_prompt %}[assistant] {% endif %}")
+    template = (
+        "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}"
+        "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
     t = Tokenizer(tok.path, chat_template=template)
     msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
     assert t.apply_chat_template(msgs) == "<s>[user] Hi[assistant] Yo</s>"

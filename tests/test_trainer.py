@@ -6,27 +6,25 @@ import json
 import math
 import re
 
-import lora_course  # noqa: F401  (BLAS before mlx)
-
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
 
-from lora_course import Model, ModelArgs
-from lora_course import atomic
-from lora_course.training import resume as ckpt
-from lora_course.adapters.files import load_adapters
-from lora_course.data.batching import iterate_batches
+import lora_course  # noqa: F401  (BLAS before mlx)
+from lora_course import Model, ModelArgs, atomic
 from lora_course.adapters.apply import apply_lora
-from lora_course.training.schedules import build_optimizer, build_schedule
-from lora_course.tree import tree_flatten, tree_unflatten
-from lora_course.training.step import enable_grad_checkpoint, make_step
+from lora_course.adapters.files import load_adapters
 from lora_course.config import ConfigError
+from lora_course.data.batching import iterate_batches
+from lora_course.training import resume as ckpt
 from lora_course.training.args import TrainingArgs
-from lora_course.training.trainer import TrainingDivergedError, train
 from lora_course.training.evaluate import evaluate, loss
+from lora_course.training.schedules import build_optimizer, build_schedule
+from lora_course.training.step import enable_grad_checkpoint, make_step
+from lora_course.training.trainer import TrainingDivergedError, train
+from lora_course.tree import tree_flatten, tree_unflatten
 
 ARGS = ModelArgs(dim=32, n_layers=2, hidden_dim=64, n_heads=4, n_kv_heads=2, vocab_size=64)
 
@@ -50,8 +48,7 @@ def make_data(n, seed=0, lo=3, hi=30, vocab=64, masked=False):
 
 
 def quiet(**kw):
-    base = dict(iters=8, batch_size=4, learning_rate=1e-2, steps_per_report=4, steps_per_eval=0,
-                save_every=4)
+    base = dict(iters=8, batch_size=4, learning_rate=1e-2, steps_per_report=4, steps_per_eval=0, save_every=4)
     base.update(kw)
     return TrainingArgs(**base)
 
@@ -66,16 +63,24 @@ def test_from_dict_accepts_known_keys_and_converts_floats():
 
 
 def test_from_dict_unknown_key_names_it_and_suggests():
-    with pytest.raises(ConfigError, match=r"run.yaml: unknown key 'learnin_rate' \(did you mean 'learning_rate'"):
+    with pytest.raises(
+        ConfigError, match=r"run.yaml: unknown key 'learnin_rate' \(did you mean 'learning_rate'"
+    ):
         TrainingArgs.from_dict({"learnin_rate": 1e-4}, source="run.yaml")
     assert TrainingArgs.from_dict({"nonsense": 1}, strict=False) == TrainingArgs()
 
 
-@pytest.mark.parametrize("key,value,expected", [
-    ("iters", "ten", "an integer"), ("iters", 2.5, "an integer"), ("compile", "yes", "true/false"),
-    ("learning_rate", [1], "a number"), ("grad_clip", "big", "a number or null"),
-    ("batch_size", True, "an integer"),
-])
+@pytest.mark.parametrize(
+    "key,value,expected",
+    [
+        ("iters", "ten", "an integer"),
+        ("iters", 2.5, "an integer"),
+        ("compile", "yes", "true/false"),
+        ("learning_rate", [1], "a number"),
+        ("grad_clip", "big", "a number or null"),
+        ("batch_size", True, "an integer"),
+    ],
+)
 def test_from_dict_wrong_type_names_key_expected_and_got(key, value, expected):
     with pytest.raises(ConfigError) as e:
         TrainingArgs.from_dict({key: value}, source="c.yaml")
@@ -84,8 +89,17 @@ def test_from_dict_wrong_type_names_key_expected_and_got(key, value, expected):
     assert e.value.key == key
 
 
-@pytest.mark.parametrize("key,value", [("batch_size", 0), ("optimizer", "lion"), ("lr_schedule", "step"),
-                                       ("val_batches", 0), ("early_stopping_patience", 0), ("seed", -1)])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("batch_size", 0),
+        ("optimizer", "lion"),
+        ("lr_schedule", "step"),
+        ("val_batches", 0),
+        ("early_stopping_patience", 0),
+        ("seed", -1),
+    ],
+)
 def test_bad_values_name_the_field(key, value):
     with pytest.raises(ValueError, match=f"{key}="):
         TrainingArgs(**{key: value})
@@ -102,8 +116,11 @@ def test_loss_is_masked_token_mean_cross_entropy():
     mask = mx.array(np.array([[1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 0]], np.float32))
     value, ntoks = loss(model, inputs, targets, mask)
     logits = np.array(model(inputs), np.float64)
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+    logp = (
+        logits
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
         - logits.max(-1, keepdims=True)
+    )
     nll = -np.take_along_axis(logp, np.array(targets)[..., None], -1)[..., 0]
     m = np.array(mask)
     assert ntoks.item() == 7
@@ -142,8 +159,10 @@ def test_train_order_is_a_function_of_seed_and_epoch_and_drops_a_remainder():
     data = make_data(30)
 
     def order(seed, epoch, start=0):
-        return [np.array(b[0]).tolist() for b in
-                iterate_batches(data, 4, 2048, train=True, seed=seed, epoch=epoch, start=start)]
+        return [
+            np.array(b[0]).tolist()
+            for b in iterate_batches(data, 4, 2048, train=True, seed=seed, epoch=epoch, start=start)
+        ]
 
     a = order(0, 0)
     assert len(a) == 7  # 30 // 4 batches, 2 examples left out
@@ -154,8 +173,10 @@ def test_train_order_is_a_function_of_seed_and_epoch_and_drops_a_remainder():
 def test_ranks_split_each_batch():
     data = make_data(16)
     full = [np.array(b[0]) for b in iterate_batches(data, 4, 2048, train=True, seed=3)]
-    parts = [[np.array(b[0]) for b in iterate_batches(data, 4, 2048, train=True, seed=3, rank=r, world_size=2)]
-             for r in range(2)]
+    parts = [
+        [np.array(b[0]) for b in iterate_batches(data, 4, 2048, train=True, seed=3, rank=r, world_size=2)]
+        for r in range(2)
+    ]
     for whole, a, b in zip(full, *parts):
         assert whole.shape[0] == 4 and a.shape[0] == b.shape[0] == 2
         n = min(a.shape[1], whole.shape[1])
@@ -190,8 +211,10 @@ def test_schedules_warmup_then_decay():
     assert build_schedule("constant", 3e-4, 10, warmup=2)(7).item() == pytest.approx(3e-4)
 
 
-@pytest.mark.parametrize("name,cls", [("adam", optim.Adam), ("adamw", optim.AdamW), ("sgd", optim.SGD),
-                                      ("adafactor", optim.Adafactor)])
+@pytest.mark.parametrize(
+    "name,cls",
+    [("adam", optim.Adam), ("adamw", optim.AdamW), ("sgd", optim.SGD), ("adafactor", optim.Adafactor)],
+)
 def test_optimizers_by_name(name, cls):
     assert type(build_optimizer(name, 1e-3)) is cls
     with pytest.raises(ValueError, match="unknown optimizer 'lamb'"):
@@ -271,8 +294,14 @@ def test_train_lowers_the_loss_and_writes_loadable_adapters(tmp_path):
     # fastmath exp) move the last loss by +-0.5, so judge the best of the last five steps.
     assert min(hist.losses[-5:]) < 0.6 * hist.losses[0]
     assert [r["step"] for r in reports] == [5, 10, 15, 20] and [e["step"] for e in evals] == [0, 10, 20]
-    assert {"train_loss", "learning_rate", "iterations_per_second", "tokens_per_second",
-            "trained_tokens", "peak_memory_gb"} <= set(reports[0])
+    assert {
+        "train_loss",
+        "learning_rate",
+        "iterations_per_second",
+        "tokens_per_second",
+        "trained_tokens",
+        "peak_memory_gb",
+    } <= set(reports[0])
     assert evals[-1]["val_perplexity"] == pytest.approx(math.exp(evals[-1]["val_loss"]))
     fresh = load_adapters(Model(ARGS), tmp_path)
     for k, v in ckpt.trainable_arrays(model).items():
@@ -280,14 +309,27 @@ def test_train_lowers_the_loss_and_writes_loadable_adapters(tmp_path):
 
 
 def test_epochs_set_the_number_of_steps(tmp_path):
-    hist = train(make_model(), make_data(10), args=quiet(epochs=3, grad_accumulation_steps=1,
-                 adapter_path=str(tmp_path)), progress=False, verbose=False)
+    hist = train(
+        make_model(),
+        make_data(10),
+        args=quiet(epochs=3, grad_accumulation_steps=1, adapter_path=str(tmp_path)),
+        progress=False,
+        verbose=False,
+    )
     assert hist.step == 3 * (10 // 4)
 
 
 def test_compiled_and_eager_steps_agree(tmp_path):
-    runs = [train(make_model(), make_data(16), args=quiet(compile=c, adapter_path=str(tmp_path / str(c))),
-                  progress=False, verbose=False).losses for c in (True, False)]
+    runs = [
+        train(
+            make_model(),
+            make_data(16),
+            args=quiet(compile=c, adapter_path=str(tmp_path / str(c))),
+            progress=False,
+            verbose=False,
+        ).losses
+        for c in (True, False)
+    ]
     np.testing.assert_allclose(runs[0], runs[1], rtol=1e-5)
 
 
@@ -305,23 +347,56 @@ class StopAt:
 @pytest.mark.parametrize("stop", [5, 9])
 def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path, stop):
     data, val = make_data(14, seed=2, masked=True), make_data(6, seed=3)
-    kw = dict(iters=12, batch_size=4, grad_accumulation_steps=2, learning_rate=3e-3, lr_schedule="cosine",
-              warmup=3, grad_clip=5.0, optimizer="adamw", weight_decay=0.01, steps_per_report=1,
-              steps_per_eval=4, save_every=4, early_stopping_patience=50)
-    full = train(make_model(dropout=0.1), data, val, TrainingArgs(adapter_path=str(tmp_path / "a"), **kw),
-                 progress=False, verbose=False)
+    kw = dict(
+        iters=12,
+        batch_size=4,
+        grad_accumulation_steps=2,
+        learning_rate=3e-3,
+        lr_schedule="cosine",
+        warmup=3,
+        grad_clip=5.0,
+        optimizer="adamw",
+        weight_decay=0.01,
+        steps_per_report=1,
+        steps_per_eval=4,
+        save_every=4,
+        early_stopping_patience=50,
+    )
+    full = train(
+        make_model(dropout=0.1),
+        data,
+        val,
+        TrainingArgs(adapter_path=str(tmp_path / "a"), **kw),
+        progress=False,
+        verbose=False,
+    )
     with pytest.raises(KeyboardInterrupt):
-        train(make_model(dropout=0.1), data, val, TrainingArgs(adapter_path=str(tmp_path / "b"), **kw),
-              callbacks=[StopAt(stop)], progress=False, verbose=False)
+        train(
+            make_model(dropout=0.1),
+            data,
+            val,
+            TrainingArgs(adapter_path=str(tmp_path / "b"), **kw),
+            callbacks=[StopAt(stop)],
+            progress=False,
+            verbose=False,
+        )
     meta = ckpt.load_training_state(tmp_path / "b")[2]
     assert meta["step"] == 4 * (stop // 4)
     fresh = make_model(dropout=0.1)  # same base weights; scramble the adapter to prove it is restored
-    fresh.update(tree_unflatten([(k, mx.random.normal(v.shape)) for k, v in ckpt.trainable_arrays(fresh).items()]))
-    resumed = train(fresh, data, val,
-                    TrainingArgs(adapter_path=str(tmp_path / "b"), **kw), resume=True,
-                    progress=False, verbose=False)
+    fresh.update(
+        tree_unflatten([(k, mx.random.normal(v.shape)) for k, v in ckpt.trainable_arrays(fresh).items()])
+    )
+    resumed = train(
+        fresh,
+        data,
+        val,
+        TrainingArgs(adapter_path=str(tmp_path / "b"), **kw),
+        resume=True,
+        progress=False,
+        verbose=False,
+    )
     assert resumed.start_step == meta["step"]
-    assert resumed.losses == full.losses[meta["step"]:]  # bitwise, not approx
+    assert resumed.losses == full.losses[meta["step"] :]  # bitwise, not approx
     assert resumed.best_val_loss == full.best_val_loss
     a, b = (ckpt.trainable_arrays(load_adapters(Model(ARGS), tmp_path / d)) for d in "ab")
     assert all(mx.array_equal(a[k], b[k]) for k in a)
@@ -330,14 +405,26 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path, stop):
 def test_resume_with_changed_settings_warns(tmp_path):
     train(make_model(), make_data(8), args=quiet(adapter_path=str(tmp_path)), progress=False, verbose=False)
     with pytest.warns(UserWarning, match=r"learning_rate 0.01 -> 0.02"):
-        train(make_model(), make_data(8), args=quiet(iters=10, learning_rate=2e-2, adapter_path=str(tmp_path)),
-              resume=True, progress=False, verbose=False)
+        train(
+            make_model(),
+            make_data(8),
+            args=quiet(iters=10, learning_rate=2e-2, adapter_path=str(tmp_path)),
+            resume=True,
+            progress=False,
+            verbose=False,
+        )
 
 
 def test_resume_without_state_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing to resume.*training_state.safetensors"):
-        train(make_model(), make_data(8), args=quiet(adapter_path=str(tmp_path)), resume=True,
-              progress=False, verbose=False)
+        train(
+            make_model(),
+            make_data(8),
+            args=quiet(adapter_path=str(tmp_path)),
+            resume=True,
+            progress=False,
+            verbose=False,
+        )
 
 
 def test_early_stopping_keeps_the_best_adapter(tmp_path):
@@ -346,8 +433,9 @@ def test_early_stopping_keeps_the_best_adapter(tmp_path):
     base = Model(ARGS)  # the same base weights as make_model's, without adapters
     train_data = [([3] * 20, None)] * 8  # learn "3 follows 3"...
     val_data = [([3, 5] * 10, None)] * 4  # ...which makes this validation set worse
-    args = quiet(iters=40, learning_rate=5e-2, steps_per_eval=2, early_stopping_patience=2,
-                 adapter_path=str(tmp_path))
+    args = quiet(
+        iters=40, learning_rate=5e-2, steps_per_eval=2, early_stopping_patience=2, adapter_path=str(tmp_path)
+    )
     hist = train(model, train_data, val_data, args, progress=False, verbose=False)
     assert hist.stop_reason == "early stopping" and hist.step < 40
     assert hist.best_val_loss == min(e["val_loss"] for e in hist.evals)
@@ -424,8 +512,13 @@ def test_full_disk_is_a_clear_error_and_the_previous_checkpoint_survives(tmp_pat
 
     monkeypatch.setattr(atomic, "open", opener, raising=False)
     with pytest.raises(ckpt.CheckpointWriteError) as e:
-        train(make_model(), make_data(12), args=quiet(iters=12, adapter_path=str(tmp_path)),
-              progress=False, verbose=False)
+        train(
+            make_model(),
+            make_data(12),
+            args=quiet(iters=12, adapter_path=str(tmp_path)),
+            progress=False,
+            verbose=False,
+        )
     msg = str(e.value)
     assert "step-8 checkpoint" in msg and str(tmp_path) in msg and "No space left on device" in msg
     assert "previous checkpoint (step 4) is intact" in msg and e.value.errno == errno.ENOSPC
@@ -443,13 +536,19 @@ def test_unwritable_adapter_path_fails_before_training(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt, "open", opener, raising=False)
     model = make_model()
     before = ckpt.trainable_arrays(model)
-    with pytest.raises(ckpt.CheckpointWriteError, match=r"adapter path .* is not writable \(Permission denied\)"):
-        train(model, make_data(8), args=quiet(adapter_path=str(tmp_path / "out")), progress=False, verbose=False)
+    with pytest.raises(
+        ckpt.CheckpointWriteError, match=r"adapter path .* is not writable \(Permission denied\)"
+    ):
+        train(
+            model, make_data(8), args=quiet(adapter_path=str(tmp_path / "out")), progress=False, verbose=False
+        )
     assert all(mx.array_equal(before[k], v) for k, v in ckpt.trainable_arrays(model).items())
 
 
-@pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() == 0,
-                    reason="root ignores directory permissions")
+@pytest.mark.skipif(
+    not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() == 0,
+    reason="root ignores directory permissions",
+)
 def test_read_only_directory(tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
@@ -476,9 +575,15 @@ def test_live_plot_and_plot_history(tmp_path):
     from lora_course.training.plots import LivePlot, plot_history
 
     live = LivePlot("run")
-    hist = train(make_model(), make_data(8), make_data(4, seed=1),
-                 quiet(steps_per_report=2, steps_per_eval=4, val_batches=-1, adapter_path=str(tmp_path)),
-                 callbacks=[live], progress=False, verbose=False)
+    hist = train(
+        make_model(),
+        make_data(8),
+        make_data(4, seed=1),
+        quiet(steps_per_report=2, steps_per_eval=4, val_batches=-1, adapter_path=str(tmp_path)),
+        callbacks=[live],
+        progress=False,
+        verbose=False,
+    )
     assert live.train_steps == [2, 4, 6, 8] and live.val_steps == [0, 4, 8]
     assert live.val_losses == [e["val_loss"] for e in hist.evals]
     lines = live.figure().axes[0].get_lines()

@@ -13,13 +13,12 @@ import textwrap
 import time
 from pathlib import Path
 
-import lora_course  # noqa: F401  (BLAS before mlx)
-
 import pytest
 
+import lora_course  # noqa: F401  (BLAS before mlx)
 from lora_course import Model
-from lora_course.training import resume as ckpt
 from lora_course.adapters.files import load_adapters
+from lora_course.training import resume as ckpt
 
 WORKER = textwrap.dedent(
     """
@@ -56,8 +55,12 @@ ITERS = 40
 
 def _start(script, adapters, log, resume):
     env = {**os.environ, "PYTHONHASHSEED": "0"}
-    return subprocess.Popen([sys.executable, str(script), str(adapters), str(log), "1" if resume else "0"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, str(script), str(adapters), str(log), "1" if resume else "0"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _read_log(log):
@@ -72,8 +75,9 @@ def _assert_loadable(adapters: Path):
     assert params and "step" in opt_state and 0 <= meta["step"] <= ITERS
     from lora_course import ModelArgs
 
-    load_adapters(Model(ModelArgs(dim=32, n_layers=2, hidden_dim=64, n_heads=4, n_kv_heads=2,
-                                  vocab_size=64)), adapters)
+    load_adapters(
+        Model(ModelArgs(dim=32, n_layers=2, hidden_dim=64, n_heads=4, n_kv_heads=2, vocab_size=64)), adapters
+    )
     return meta["step"]
 
 

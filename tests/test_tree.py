@@ -2,7 +2,6 @@
 
 from collections import namedtuple
 
-import lora_course  # noqa: F401  (preloads the BLAS; must come before mlx.core)
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.utils as mu
@@ -10,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import lora_course  # noqa: F401  (preloads the BLAS; must come before mlx.core)
 from lora_course.tree import tree_flatten, tree_map, tree_unflatten
 
 Pair = namedtuple("Pair", ["first", "second"])
@@ -96,9 +96,7 @@ def test_tree_map_with_rest_and_is_leaf_matches_mlx(tree):
     other = mu.tree_map(lambda x: [x, x], tree)  # a superset of tree: leaves became lists
     pairs = lambda x, y: (x, len(y))  # noqa: E731
     assert same(tree_map(pairs, tree, other), mu.tree_map(pairs, tree, other))
-    assert same(
-        tree_map(repr, tree, is_leaf=is_pair), mu.tree_map(repr, tree, is_leaf=is_pair)
-    )
+    assert same(tree_map(repr, tree, is_leaf=is_pair), mu.tree_map(repr, tree, is_leaf=is_pair))
 
 
 @settings(max_examples=300, deadline=None)
@@ -137,9 +135,7 @@ class TinyNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.embed_tokens = nn.Embedding(16, 8)
-        self.layers = [
-            {"q_proj": nn.Linear(8, 8, bias=False), "mlp": nn.Linear(8, 8)} for _ in range(3)
-        ]
+        self.layers = [{"q_proj": nn.Linear(8, 8, bias=False), "mlp": nn.Linear(8, 8)} for _ in range(3)]
         self.norm = nn.RMSNorm(8)
 
 
@@ -188,9 +184,7 @@ def test_unflatten_examples():
     assert tree_unflatten([("", 7)]) == 7
     assert tree_unflatten([]) == []
     # Numeric keys rebuild lists, gaps are filled with empty dicts.
-    assert tree_unflatten([("layers.0.w", 1), ("layers.2.w", 3)]) == {
-        "layers": [{"w": 1}, {}, {"w": 3}]
-    }
+    assert tree_unflatten([("layers.0.w", 1), ("layers.2.w", 3)]) == {"layers": [{"w": 1}, {}, {"w": 3}]}
     # "1" and "01" are different keys but the same integer: that level stays a dict.
     assert tree_unflatten([("1", "a"), ("01", "b")]) == {"1": "a", "01": "b"}
 

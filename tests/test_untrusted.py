@@ -22,11 +22,10 @@ import re
 import tokenize
 from pathlib import Path
 
-import lora_course  # noqa: F401  (BLAS before mlx)
-
 import mlx.core as mx
 import pytest
 
+import lora_course  # noqa: F401  (BLAS before mlx)
 from lora_course import (
     AdapterError,
     CheckpointError,
@@ -43,8 +42,8 @@ from lora_course import (
     train,
     train_tokenizer,
 )
-from lora_course.training import resume as ckpt
 from lora_course.tokenizer.spm import Tokenizer, TokenizerError
+from lora_course.training import resume as ckpt
 
 PACKAGE = Path(lora_course.__file__).parent
 
@@ -89,8 +88,9 @@ def call_name(node: ast.Call) -> str:
 
 
 def kwarg_is(node: ast.Call, name: str, value) -> bool:
-    return any(k.arg == name and isinstance(k.value, ast.Constant) and k.value.value is value
-               for k in node.keywords)
+    return any(
+        k.arg == name and isinstance(k.value, ast.Constant) and k.value.value is value for k in node.keywords
+    )
 
 
 def problems(source: str, where: str) -> list[str]:
@@ -109,8 +109,10 @@ def problems(source: str, where: str) -> list[str]:
                 found.append(f"{where}:{node.lineno}: np.load without allow_pickle=False")
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             mods = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
-            if any(str(m).split(".")[0] in ("pickle", "cPickle", "dill", "cloudpickle", "marshal", "shelve")
-                   for m in mods):
+            if any(
+                str(m).split(".")[0] in ("pickle", "cPickle", "dill", "cloudpickle", "marshal", "shelve")
+                for m in mods
+            ):
                 found.append(f"{where}:{node.lineno}: imports a pickle-like module")
     return found
 
@@ -129,34 +131,40 @@ def test_package_source_never_unpickles_or_evals(path):
     assert problems(path.read_text(encoding="utf-8"), str(path.relative_to(PACKAGE))) == []
 
 
-@pytest.mark.parametrize("snippet", [
-    "import pickle\nx = pickle.loads(b)",
-    "from pickle import loads",
-    "y = eval(text)",
-    "exec(code)",
-    "cfg = yaml.load(text, Loader=yaml.Loader)",
-    "cfg = yaml.full_load(text)",
-    "state = torch.load(path)",
-    "state = torch.load(path, weights_only=False)",
-    "arr = np.load(path, allow_pickle=True)",
-    "arr = np.load(path)",
-    "env = jinja2.Environment()",
-    "subprocess.run(cmd, shell=True)",
-])
+@pytest.mark.parametrize(
+    "snippet",
+    [
+        "import pickle\nx = pickle.loads(b)",
+        "from pickle import loads",
+        "y = eval(text)",
+        "exec(code)",
+        "cfg = yaml.load(text, Loader=yaml.Loader)",
+        "cfg = yaml.full_load(text)",
+        "state = torch.load(path)",
+        "state = torch.load(path, weights_only=False)",
+        "arr = np.load(path, allow_pickle=True)",
+        "arr = np.load(path)",
+        "env = jinja2.Environment()",
+        "subprocess.run(cmd, shell=True)",
+    ],
+)
 def test_the_scan_catches_each_forbidden_pattern(snippet):
     assert problems(snippet, "planted.py"), snippet
 
 
-@pytest.mark.parametrize("snippet", [
-    "mx.eval(model.parameters())",
-    "model.eval()",
-    "f = mx.compile(step)",
-    "cfg = yaml.safe_load(text)",
-    "torch.load(path, map_location='cpu', weights_only=True, mmap=True)",
-    "np.load(path, allow_pickle=False)",
-    "env = ImmutableSandboxedEnvironment(trim_blocks=True)",
-    "msg = 'do not use eval( or pickle here'  # nor in comments: eval(x)",
-])
+@pytest.mark.parametrize(
+    "snippet",
+    [
+        "mx.eval(model.parameters())",
+        "model.eval()",
+        "f = mx.compile(step)",
+        "cfg = yaml.safe_load(text)",
+        "torch.load(path, map_location='cpu', weights_only=True, mmap=True)",
+        "np.load(path, allow_pickle=False)",
+        "env = ImmutableSandboxedEnvironment(trim_blocks=True)",
+        "msg = 'do not use eval( or pickle here'  # nor in comments: eval(x)",
+    ],
+)
 def test_the_scan_allows_the_safe_spellings(snippet):
     assert problems(snippet, "fine.py") == []
 
@@ -253,8 +261,9 @@ def plant_training_state_pickle(good, tmp_path, marker):
     (out / ckpt.STATE_FILE).write_bytes(evil_bytes(marker))
     model = apply_lora(fresh(), num_layers=1, rank=2)
     args = TrainingArgs(iters=2, batch_size=1, adapter_path=str(out))
-    return lambda: train(model, [([1, 2, 3], None)] * 2, args=args, resume=True, progress=False,
-                         verbose=False), ValueError
+    return lambda: train(
+        model, [([1, 2, 3], None)] * 2, args=args, resume=True, progress=False, verbose=False
+    ), ValueError
 
 
 def plant_tokenizer_pickle(good, tmp_path, marker):
@@ -275,12 +284,19 @@ def plant_npz_pickle(good, tmp_path, marker):
     return lambda: load(c), CheckpointError
 
 
-PLANTS = [plant_hf_pickle, plant_safetensors_pickle, plant_adapter_pickle, plant_peft_bin,
-          plant_adapter_config_pickle, plant_training_state_pickle, plant_tokenizer_pickle,
-          plant_npz_pickle]
+PLANTS = [
+    plant_hf_pickle,
+    plant_safetensors_pickle,
+    plant_adapter_pickle,
+    plant_peft_bin,
+    plant_adapter_config_pickle,
+    plant_training_state_pickle,
+    plant_tokenizer_pickle,
+    plant_npz_pickle,
+]
 
 
-@pytest.mark.parametrize("plant", PLANTS, ids=lambda f: f.__name__[len("plant_"):])
+@pytest.mark.parametrize("plant", PLANTS, ids=lambda f: f.__name__[len("plant_") :])
 def test_planted_pickle_is_refused_without_running(plant, good, tmp_path):
     marker = tmp_path / "PWNED"
     call, exc = plant(good, tmp_path, marker)
@@ -295,8 +311,10 @@ def test_malicious_chat_template_cannot_reach_python(good, tmp_path):
     Python internals fails as a data error naming the file and line, nothing runs."""
     marker = tmp_path / "PWNED"
     c = copy(good, "ckpt", tmp_path)
-    template = ("{{ ''.__class__.__mro__[1].__subclasses__()[0].__init__.__globals__"
-                f"['__builtins__']['open']('{marker}', 'w') }}")
+    template = (
+        "{{ ''.__class__.__mro__[1].__subclasses__()[0].__init__.__globals__"
+        f"['__builtins__']['open']('{marker}', 'w') }}"
+    )
     (c / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
     _, tok = load(c)
     assert tok.chat_template == template
@@ -310,8 +328,20 @@ def test_malicious_chat_template_cannot_reach_python(good, tmp_path):
 # ----------------------------------------------------------------------------- 3. paths in configs
 
 
-@pytest.mark.parametrize("bad", ["../outside.safetensors", "/etc/passwd", "sub/../../x.safetensors",
-                                 "./../x.safetensors", "..", ".", "", 7, None])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "../outside.safetensors",
+        "/etc/passwd",
+        "sub/../../x.safetensors",
+        "./../x.safetensors",
+        "..",
+        ".",
+        "",
+        7,
+        None,
+    ],
+)
 def test_index_weight_map_cannot_leave_the_checkpoint(good, tmp_path, bad):
     c = copy(good, "ckpt", tmp_path)
     (tmp_path / "outside.safetensors").write_bytes((c / "model.safetensors").read_bytes())
@@ -332,13 +362,16 @@ def test_index_may_name_a_shard_in_a_subfolder(good, tmp_path):
     (c / "model.safetensors").rename(c / "shards" / "all.safetensors")
     tensors = list(mx.load(str(c / "shards" / "all.safetensors")))
     (c / "model.safetensors.index.json").write_text(
-        json.dumps({"weight_map": {k: "shards/all.safetensors" for k in tensors}}))
+        json.dumps({"weight_map": {k: "shards/all.safetensors" for k in tensors}})
+    )
     model, _ = load(c)
     assert model.args.n_layers == 2
 
 
-@pytest.mark.parametrize("key", ["../../lm_head", "/abs.q_proj", "self_attn/../../x", "model.embed_tokens",
-                                 "layers.0.self_attn.q_proj"])
+@pytest.mark.parametrize(
+    "key",
+    ["../../lm_head", "/abs.q_proj", "self_attn/../../x", "model.embed_tokens", "layers.0.self_attn.q_proj"],
+)
 def test_adapter_keys_cannot_leave_the_block(good, tmp_path, key):
     a = copy(good, "adapters", tmp_path)
     cfg = json.loads((a / "adapter_config.json").read_text())
@@ -358,8 +391,14 @@ def test_paths_stored_in_adapter_config_are_never_followed(good, tmp_path):
     other.update(lora_course.tree_map(lambda p: p + 1.0, other.trainable_parameters()))
     save_adapters(other, decoy)
     edit = json.loads((a / "adapter_config.json").read_text())
-    edit.update(adapter_path=str(decoy), resume_adapter_file=str(decoy), model="../../../etc",
-                data="/nonexistent/data", path=str(decoy), adapter_file=str(decoy / "adapters.safetensors"))
+    edit.update(
+        adapter_path=str(decoy),
+        resume_adapter_file=str(decoy),
+        model="../../../etc",
+        data="/nonexistent/data",
+        path=str(decoy),
+        adapter_file=str(decoy / "adapters.safetensors"),
+    )
     (a / "adapter_config.json").write_text(json.dumps(edit))
     model = load_adapters(fresh(), a)
     own = mx.load(str(a / "adapters.safetensors"))
@@ -373,8 +412,9 @@ def test_tokenizer_beside_a_checkpoint_is_the_one_in_it(good, tmp_path):
     vocab_file keys are ignored): the model reads <checkpoint>/tokenizer.model only."""
     c = copy(good, "ckpt", tmp_path)
     (tmp_path / "elsewhere.model").write_bytes(b"not a tokenizer")
-    (c / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_file": str(tmp_path / "elsewhere.model"), "vocab_file": "../elsewhere.model"}))
+    (c / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_file": str(tmp_path / "elsewhere.model"), "vocab_file": "../elsewhere.model"})
+    )
     _, tok = load(c)
     assert Path(tok.path) == c / "tokenizer.model"
     assert tok.encode("the model") == Tokenizer(good["root"] / "ckpt" / "tokenizer.model").encode("the model")

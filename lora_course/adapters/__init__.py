@@ -5,10 +5,16 @@
 Taught in notebooks 05 (LoRA from the math up) and 06 (DoRA, full fine-tuning, merging).
 """
 
-from lora_course.adapters.lora import LoRALinear, lora_scale
+from lora_course.adapters.apply import (
+    LoRAConfig,
+    apply_lora,
+    count_parameters,
+    fuse,
+    print_trainable_parameters,
+)
 from lora_course.adapters.dora import DoRALinear
-from lora_course.adapters.apply import LoRAConfig, apply_lora, count_parameters, fuse, print_trainable_parameters
 from lora_course.adapters.files import AdapterError, convert_peft_adapter, load_adapters, save_adapters
+from lora_course.adapters.lora import LoRALinear, lora_scale
 
 __all__ = [
     "LoRALinear",

@@ -43,7 +43,7 @@ class LoRAConfig:
         return lora_scale(self.alpha, self.rank, self.use_rslora)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LoRAConfig":
+    def from_dict(cls, d: dict[str, Any]) -> LoRAConfig:
         """Flat or mlx-lm's nested ``lora_parameters`` form; unknown keys are ignored.
 
         mlx-lm stores only ``scale``; alpha is then scale * r (or scale * sqrt(r)).
@@ -60,21 +60,37 @@ class LoRAConfig:
         """mlx-lm's adapter_config.json layout, plus our alpha and use_rslora."""
         params = None
         if self.fine_tune_type != "full":
-            params = {"rank": self.rank, "scale": self.scale, "dropout": self.dropout,
-                      "keys": list(self.keys), "alpha": self.alpha, "use_rslora": self.use_rslora}
-        return {**self.extra, "fine_tune_type": self.fine_tune_type,
-                "num_layers": self.num_layers, "lora_parameters": params}
+            params = {
+                "rank": self.rank,
+                "scale": self.scale,
+                "dropout": self.dropout,
+                "keys": list(self.keys),
+                "alpha": self.alpha,
+                "use_rslora": self.use_rslora,
+            }
+        return {
+            **self.extra,
+            "fine_tune_type": self.fine_tune_type,
+            "num_layers": self.num_layers,
+            "lora_parameters": params,
+        }
 
 
 def _linear_paths(block: nn.Module) -> list[str]:
     """Paths of the linear layers inside one block, e.g. ["mlp.down_proj", ..., "self_attn.q_proj"]."""
-    return sorted(name for name, m in block.named_modules()
-                  if isinstance(m, (nn.Linear, nn.QuantizedLinear)))
+    return sorted(name for name, m in block.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear)))
 
 
-def apply_lora(model: nn.Module, num_layers: int = 16, keys: list[str] | None = None,
-               rank: int = 8, alpha: float = 16.0, dropout: float = 0.0, kind: str = "lora",
-               use_rslora: bool = False) -> nn.Module:
+def apply_lora(
+    model: nn.Module,
+    num_layers: int = 16,
+    keys: list[str] | None = None,
+    rank: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+    kind: str = "lora",
+    use_rslora: bool = False,
+) -> nn.Module:
     """Freeze ``model`` and make the last ``num_layers`` blocks trainable (in place).
 
     ``kind="lora"`` / ``"dora"`` wraps the linears named by ``keys`` (paths inside a
@@ -87,32 +103,41 @@ def apply_lora(model: nn.Module, num_layers: int = 16, keys: list[str] | None = 
     if kind not in KINDS:
         raise ValueError(f"apply_lora: kind={kind!r} is not one of {', '.join(KINDS)}")
     if getattr(model, "lora_config", None) is not None:
-        raise ValueError("apply_lora: this model already has adapters "
-                         f"({model.lora_config.fine_tune_type}); fuse them or load a fresh model")
+        raise ValueError(
+            "apply_lora: this model already has adapters "
+            f"({model.lora_config.fine_tune_type}); fuse them or load a fresh model"
+        )
     n = len(model.layers)
     if num_layers == -1:
         num_layers = n
     if not isinstance(num_layers, int) or isinstance(num_layers, bool) or not 1 <= num_layers <= n:
-        raise ValueError(f"apply_lora: num_layers={num_layers} but the model has {n} layers; "
-                         f"use 1..{n}, or -1 for all")
+        raise ValueError(
+            f"apply_lora: num_layers={num_layers} but the model has {n} layers; use 1..{n}, or -1 for all"
+        )
     check_hyper(rank, alpha, dropout)
-    blocks = model.layers[n - num_layers:]
+    blocks = model.layers[n - num_layers :]
     if any(isinstance(m, LoRALinear) for b in blocks for _, m in b.named_modules()):
         raise ValueError("apply_lora: the model already contains LoRA layers; fuse them first")
     if kind == "full":
         if keys is not None:
-            raise ValueError("apply_lora: keys select layers for lora/dora; kind='full' trains "
-                             "whole blocks, so leave keys=None")
+            raise ValueError(
+                "apply_lora: keys select layers for lora/dora; kind='full' trains "
+                "whole blocks, so leave keys=None"
+            )
         if any(is_quantized(m) for b in blocks for _, m in b.named_modules()):
-            raise ValueError("apply_lora: kind='full' needs float weights but the model is "
-                             "quantized; use kind='lora' (QLoRA) or a de-quantized model")
+            raise ValueError(
+                "apply_lora: kind='full' needs float weights but the model is "
+                "quantized; use kind='lora' (QLoRA) or a de-quantized model"
+            )
     else:
         valid = _linear_paths(blocks[0])
         keys = valid if keys is None else [keys] if isinstance(keys, str) else list(keys)
         for key in keys:
             if key not in valid:
-                raise ValueError(f"apply_lora: key {key!r} is not a linear layer in a block; "
-                                 f"valid keys: {', '.join(valid)}")
+                raise ValueError(
+                    f"apply_lora: key {key!r} is not a linear layer in a block; "
+                    f"valid keys: {', '.join(valid)}"
+                )
         keys = [k for k in valid if k in set(keys)]  # one canonical order
 
     model.freeze()
@@ -135,8 +160,7 @@ def fuse(model: nn.Module, de_quantize: bool = False) -> nn.Module:
     ``de_quantize=True`` returns a float model: every other quantized layer is
     dequantized too, and ``model.args.quantization`` is cleared.
     """
-    merged = [(name, m.fuse(de_quantize)) for name, m in model.named_modules()
-              if isinstance(m, LoRALinear)]
+    merged = [(name, m.fuse(de_quantize)) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
     if merged:
         model.update_modules(tree_unflatten(merged))
     if de_quantize:
@@ -188,10 +212,14 @@ def count_parameters(model: nn.Module) -> dict[str, Any]:
 def print_trainable_parameters(model: nn.Module) -> dict[str, Any]:
     """Print ``trainable params: X || all params: Y || trainable%: Z`` and return the counts."""
     c = count_parameters(model)
-    line = (f"trainable params: {c['trainable']:,} || all params: {c['total']:,} || "
-            f"trainable%: {c['trainable_percent']:.4f}")
+    line = (
+        f"trainable params: {c['trainable']:,} || all params: {c['total']:,} || "
+        f"trainable%: {c['trainable_percent']:.4f}"
+    )
     if c["quantized"]:
-        line += (f" (quantized weights counted at their logical size: {c['quantized_params']:,}; "
-                 "their scales and biases are not counted)")
+        line += (
+            f" (quantized weights counted at their logical size: {c['quantized_params']:,}; "
+            "their scales and biases are not counted)"
+        )
     print(line)
     return c

@@ -32,8 +32,9 @@ def row_norms(w: mx.array) -> mx.array:
     return mx.linalg.norm(w.astype(mx.float32), axis=1)
 
 
-def dora_reference(x: mx.array, w: mx.array, m: mx.array, a: mx.array, b: mx.array,
-                   scale: float, detach_norm: bool = True) -> mx.array:
+def dora_reference(
+    x: mx.array, w: mx.array, m: mx.array, a: mx.array, b: mx.array, scale: float, detach_norm: bool = True
+) -> mx.array:
     """DoRA in plain ops, bias left out: x @ (m * V / ||V||)^T with V = W + scale (A B)^T.
 
     ``detach_norm=False`` differentiates through ||V|| as well; tests compare the two
@@ -50,14 +51,28 @@ class DoRALinear(LoRALinear):
     """LoRALinear plus a magnitude vector m (out,): y = m / ||V|| * (x V^T) + bias."""
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, rank: int = 8, alpha: float = 16.0,
-                    dropout: float = 0.0, use_rslora: bool = False) -> "DoRALinear":
+    def from_linear(
+        cls,
+        linear: nn.Module,
+        rank: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+    ) -> DoRALinear:
         layer = super().from_linear(linear, rank, alpha, dropout, use_rslora)
         layer.m = row_norms(dense_weight(layer.linear))  # the base's lengths
         return layer
 
-    def __init__(self, input_dims: int, output_dims: int, rank: int = 8, alpha: float = 16.0,
-                 dropout: float = 0.0, use_rslora: bool = False, bias: bool = False):
+    def __init__(
+        self,
+        input_dims: int,
+        output_dims: int,
+        rank: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        bias: bool = False,
+    ):
         super().__init__(input_dims, output_dims, rank, alpha, dropout, use_rslora, bias)
         self.m = row_norms(self.linear.weight)  # (out,)
 
@@ -74,8 +89,7 @@ class DoRALinear(LoRALinear):
 
     def reference(self, x: mx.array) -> mx.array:
         """The same forward in plain ops, without dropout."""
-        out = dora_reference(x, dense_weight(self.linear), self.m, self.lora_a, self.lora_b,
-                             self.scale)
+        out = dora_reference(x, dense_weight(self.linear), self.m, self.lora_a, self.lora_b, self.scale)
         return out + self.linear.bias if "bias" in self.linear else out
 
     def fuse(self, de_quantize: bool = False) -> nn.Module:

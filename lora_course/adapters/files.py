@@ -71,8 +71,10 @@ def save_adapters(model: nn.Module, path, config=None) -> Path:
     """
     lora_config = getattr(model, "lora_config", None)
     if lora_config is None:
-        raise AdapterError("save_adapters: the model has no adapters; call "
-                           "lora_course.apply_lora(model, ...) or load_adapters first")
+        raise AdapterError(
+            "save_adapters: the model has no adapters; call "
+            "lora_course.apply_lora(model, ...) or load_adapters first"
+        )
     weights = dict(tree_flatten(model.trainable_parameters()))
     if not weights:
         raise AdapterError("save_adapters: the model has no trainable parameters to save")
@@ -113,8 +115,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _read_safetensors(path: Path) -> dict[str, mx.array]:
     if not path.is_file():
-        raise AdapterError(f"{path.parent}: no {path.name} next to {ADAPTER_CONFIG}; "
-                           "copy the weights file too")
+        raise AdapterError(
+            f"{path.parent}: no {path.name} next to {ADAPTER_CONFIG}; copy the weights file too"
+        )
     try:
         return mx.load(str(path))
     except (RuntimeError, ValueError, OSError) as e:
@@ -140,8 +143,7 @@ def _parse_config(raw: dict[str, Any], file: Path) -> LoRAConfig:
         raise AdapterError(f"{file}: lora_parameters 'rank' must be a positive integer, got {rank!r}")
     for name in ("scale", "alpha", "dropout"):
         v = params.get(name)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
-                              or not math.isfinite(v)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
             raise AdapterError(f"{file}: lora_parameters '{name}' must be a number, got {v!r}")
     if params.get("scale") is None and params.get("alpha") is None:
         raise AdapterError(f"{file}: lora_parameters needs 'scale' (mlx-lm) or 'alpha'")
@@ -151,13 +153,17 @@ def _parse_config(raw: dict[str, Any], file: Path) -> LoRAConfig:
             raise AdapterError(f"{file}: lora_parameters 'keys' must be a list of module paths")
         for k in keys:
             if not KEY_PATTERN.fullmatch(k) or k.startswith(("model.", "layers.")):
-                raise AdapterError(f"{file}: key {k!r} is not a module path inside a block "
-                                   "(like 'self_attn.q_proj'); keys cannot reach outside a block")
+                raise AdapterError(
+                    f"{file}: key {k!r} is not a module path inside a block "
+                    "(like 'self_attn.q_proj'); keys cannot reach outside a block"
+                )
     cfg = LoRAConfig.from_dict({**raw, "fine_tune_type": kind})
     if params.get("scale") is not None and params.get("alpha") is not None:
         if not math.isclose(cfg.scale, params["scale"], rel_tol=1e-6):
-            raise AdapterError(f"{file}: scale {params['scale']} disagrees with alpha "
-                               f"{params['alpha']} and rank {rank} (expected {cfg.scale:g})")
+            raise AdapterError(
+                f"{file}: scale {params['scale']} disagrees with alpha "
+                f"{params['alpha']} and rank {rank} (expected {cfg.scale:g})"
+            )
     return cfg
 
 
@@ -168,8 +174,10 @@ def read_adapter(path) -> tuple[LoRAConfig, dict[str, mx.array], Path]:
         raise AdapterError(f"{path}: no such adapter directory")
     cfg_file = path / ADAPTER_CONFIG
     if not cfg_file.is_file():
-        raise AdapterError(f"{path}: no {ADAPTER_CONFIG} in this directory; an adapter directory "
-                           f"holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} (or PEFT's {PEFT_WEIGHTS})")
+        raise AdapterError(
+            f"{path}: no {ADAPTER_CONFIG} in this directory; an adapter directory "
+            f"holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} (or PEFT's {PEFT_WEIGHTS})"
+        )
     raw = _read_json(cfg_file)
     if "peft_type" in raw or ("r" in raw and "lora_alpha" in raw):
         return _read_peft(raw, path)
@@ -187,46 +195,66 @@ def load_adapters(model: nn.Module, path) -> nn.Module:
     cfg_file = Path(path) / ADAPTER_CONFIG
     last = cfg.extra.get("peft_last_layer")
     if last is not None and last != len(model.layers) - 1:
-        raise AdapterError(f"{wfile}: the PEFT adapter's last adapted layer is {last}, but "
-                           f"lora_course adapts the last blocks of this {len(model.layers)}-layer "
-                           "model; was it trained for another model?")
+        raise AdapterError(
+            f"{wfile}: the PEFT adapter's last adapted layer is {last}, but "
+            f"lora_course adapts the last blocks of this {len(model.layers)}-layer "
+            "model; was it trained for another model?"
+        )
     have = getattr(model, "lora_config", None)
     if have is None:
         try:
-            apply_lora(model, cfg.num_layers, cfg.keys, cfg.rank, cfg.alpha, cfg.dropout,
-                       cfg.fine_tune_type, cfg.use_rslora)
+            apply_lora(
+                model,
+                cfg.num_layers,
+                cfg.keys,
+                cfg.rank,
+                cfg.alpha,
+                cfg.dropout,
+                cfg.fine_tune_type,
+                cfg.use_rslora,
+            )
         except ValueError as e:
             raise AdapterError(f"{cfg_file}: {e}") from None
     else:
         same = ("fine_tune_type", "num_layers", "keys", "rank")
         if any(getattr(have, f) != getattr(cfg, f) for f in same) or not math.isclose(
-                have.scale, cfg.scale, rel_tol=1e-6):
+            have.scale, cfg.scale, rel_tol=1e-6
+        ):
             raise AdapterError(
                 f"{cfg_file}: the model already has different adapters ({have.fine_tune_type}, "
                 f"rank {have.rank}, last {have.num_layers} blocks, keys {have.keys}) than this file "
                 f"({cfg.fine_tune_type}, rank {cfg.rank}, last {cfg.num_layers} blocks, keys "
-                f"{cfg.keys}); load it into a fresh model")
+                f"{cfg.keys}); load it into a fresh model"
+            )
 
     expected = dict(tree_flatten(model.trainable_parameters()))
     for name, value in tensors.items():
         want = expected.get(name)
         if want is None:
-            raise AdapterError(f"{wfile}: tensor '{name}' is not an adapter parameter of this model "
-                               f"(adapted: last {cfg.num_layers} blocks, keys {cfg.keys}); "
-                               "was the adapter trained for another model?")
+            raise AdapterError(
+                f"{wfile}: tensor '{name}' is not an adapter parameter of this model "
+                f"(adapted: last {cfg.num_layers} blocks, keys {cfg.keys}); "
+                "was the adapter trained for another model?"
+            )
         if tuple(value.shape) == tuple(want.shape):
             continue
         if name.endswith((".lora_a", ".lora_b")) and value.ndim == 2:
             r = value.shape[1] if name.endswith(".lora_a") else value.shape[0]
             if r != cfg.rank:
-                raise AdapterError(f"{wfile}: rank mismatch: tensor '{name}' has rank {r} (shape "
-                                   f"{tuple(value.shape)}) but {ADAPTER_CONFIG} says rank {cfg.rank}")
-        raise AdapterError(f"{wfile}: tensor '{name}' has shape {tuple(value.shape)}, but the "
-                           f"model expects {tuple(want.shape)}; was it trained for another model?")
+                raise AdapterError(
+                    f"{wfile}: rank mismatch: tensor '{name}' has rank {r} (shape "
+                    f"{tuple(value.shape)}) but {ADAPTER_CONFIG} says rank {cfg.rank}"
+                )
+        raise AdapterError(
+            f"{wfile}: tensor '{name}' has shape {tuple(value.shape)}, but the "
+            f"model expects {tuple(want.shape)}; was it trained for another model?"
+        )
     missing = [k for k in expected if k not in tensors]
     if missing:
-        raise AdapterError(f"{wfile}: tensor '{missing[0]}' is missing ({len(missing)} of "
-                           f"{len(expected)} adapter tensors missing); the file is incomplete")
+        raise AdapterError(
+            f"{wfile}: tensor '{missing[0]}' is missing ({len(missing)} of "
+            f"{len(expected)} adapter tensors missing); the file is incomplete"
+        )
     # strict=False: the file covers only the adapter tensors, all checked above
     model.load_weights([(k, v.astype(expected[k].dtype)) for k, v in tensors.items()], strict=False)
     return model
@@ -239,18 +267,29 @@ def _read_peft(raw: dict[str, Any], path: Path) -> tuple[LoRAConfig, dict[str, m
     """A PEFT LoRA/DoRA directory as (our config, our tensors, its weights file)."""
     cfg_file, wfile = path / ADAPTER_CONFIG, path / PEFT_WEIGHTS
     if raw.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"{cfg_file}: peft_type {raw['peft_type']!r} is not LoRA; only LoRA and "
-                           "DoRA adapters can be imported")
-    unsupported = {"bias": "none", "lora_bias": False, "fan_in_fan_out": False,
-                   "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None,
-                   "layer_replication": None}
+        raise AdapterError(
+            f"{cfg_file}: peft_type {raw['peft_type']!r} is not LoRA; only LoRA and "
+            "DoRA adapters can be imported"
+        )
+    unsupported = {
+        "bias": "none",
+        "lora_bias": False,
+        "fan_in_fan_out": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "modules_to_save": None,
+        "layer_replication": None,
+    }
     for key, ok in unsupported.items():
         if raw.get(key, ok) not in (ok, None, {}, [], False, "none"):
-            raise AdapterError(f"{cfg_file}: '{key}': {raw[key]!r} is not supported by lora_course "
-                               f"(it needs {key} = {ok!r})")
+            raise AdapterError(
+                f"{cfg_file}: '{key}': {raw[key]!r} is not supported by lora_course (it needs {key} = {ok!r})"
+            )
     if not wfile.is_file() and (path / "adapter_model.bin").is_file():
-        raise AdapterError(f"{path}: only adapter_model.bin (a pickle) is there; lora_course does "
-                           "not unpickle files: re-save the adapter with safe_serialization=True")
+        raise AdapterError(
+            f"{path}: only adapter_model.bin (a pickle) is there; lora_course does "
+            "not unpickle files: re-save the adapter with safe_serialization=True"
+        )
     r, alpha = raw.get("r"), raw.get("lora_alpha", raw.get("r"))
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise AdapterError(f"{cfg_file}: 'r' must be a positive integer, got {r!r}")
@@ -261,8 +300,10 @@ def _read_peft(raw: dict[str, Any], path: Path) -> tuple[LoRAConfig, dict[str, m
     for name, value in _read_safetensors(wfile).items():
         m = PEFT_TENSOR.fullmatch(name)
         if m is None:
-            raise AdapterError(f"{wfile}: tensor '{name}' is not a LoRA tensor of a transformer "
-                               "block (model.layers.N...); lora_course imports only those")
+            raise AdapterError(
+                f"{wfile}: tensor '{name}' is not a LoRA tensor of a transformer "
+                "block (model.layers.N...); lora_course imports only those"
+            )
         layer, key, part = int(m.group(1)), m.group(2), m.group(3)
         base = f"model.layers.{layer}.{key}"
         if part == "lora_A.weight":
@@ -277,12 +318,24 @@ def _read_peft(raw: dict[str, Any], path: Path) -> tuple[LoRAConfig, dict[str, m
         raise AdapterError(f"{wfile}: holds no LoRA tensors")
     first, last = min(layers), max(layers)
     if layers != set(range(first, last + 1)):
-        raise AdapterError(f"{wfile}: adapts layers {sorted(layers)}, not a contiguous run; "
-                           "lora_course adapts the last num_layers blocks")
-    cfg = LoRAConfig(kind, len(layers), sorted(keys), r, float(alpha),
-                     float(raw.get("lora_dropout") or 0.0), bool(raw.get("use_rslora")),
-                     extra={"converted_from": "peft", "peft_last_layer": last,
-                            "base_model_name_or_path": raw.get("base_model_name_or_path")})
+        raise AdapterError(
+            f"{wfile}: adapts layers {sorted(layers)}, not a contiguous run; "
+            "lora_course adapts the last num_layers blocks"
+        )
+    cfg = LoRAConfig(
+        kind,
+        len(layers),
+        sorted(keys),
+        r,
+        float(alpha),
+        float(raw.get("lora_dropout") or 0.0),
+        bool(raw.get("use_rslora")),
+        extra={
+            "converted_from": "peft",
+            "peft_last_layer": last,
+            "base_model_name_or_path": raw.get("base_model_name_or_path"),
+        },
+    )
     return cfg, ours, wfile
 
 
@@ -294,8 +347,10 @@ def convert_peft_adapter(peft_dir, out_dir) -> Path:
     """
     raw = _read_json(Path(peft_dir) / ADAPTER_CONFIG) if (Path(peft_dir) / ADAPTER_CONFIG).is_file() else None
     if raw is None or not ("peft_type" in raw or "lora_alpha" in raw):
-        raise AdapterError(f"{peft_dir}: not a PEFT adapter directory (adapter_config.json with "
-                           "peft_type, r and lora_alpha, plus adapter_model.safetensors)")
+        raise AdapterError(
+            f"{peft_dir}: not a PEFT adapter directory (adapter_config.json with "
+            "peft_type, r and lora_alpha, plus adapter_model.safetensors)"
+        )
     cfg, tensors, _ = _read_peft(raw, Path(peft_dir))
     out = Path(out_dir)
     _write_pair(out, tensors, json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")

@@ -50,20 +50,36 @@ class LoRALinear(nn.Module):
     """A frozen linear layer plus a trainable low-rank update: y = base(x) + scale * (x A) B."""
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, rank: int = 8, alpha: float = 16.0,
-                    dropout: float = 0.0, use_rslora: bool = False) -> "LoRALinear":
+    def from_linear(
+        cls,
+        linear: nn.Module,
+        rank: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+    ) -> LoRALinear:
         """Wrap an ``nn.Linear`` or ``nn.QuantizedLinear`` (the base is frozen, not copied)."""
         if not isinstance(linear, (nn.Linear, nn.QuantizedLinear)):
-            raise TypeError(f"{cls.__name__}.from_linear needs nn.Linear or nn.QuantizedLinear, "
-                            f"got {type(linear).__name__}")
+            raise TypeError(
+                f"{cls.__name__}.from_linear needs nn.Linear or nn.QuantizedLinear, "
+                f"got {type(linear).__name__}"
+            )
         out_dims, in_dims = linear_dims(linear)
         layer = cls(in_dims, out_dims, rank, alpha, dropout, use_rslora)
         layer.linear = linear  # replaces the placeholder built in __init__
         layer.linear.freeze()
         return layer
 
-    def __init__(self, input_dims: int, output_dims: int, rank: int = 8, alpha: float = 16.0,
-                 dropout: float = 0.0, use_rslora: bool = False, bias: bool = False):
+    def __init__(
+        self,
+        input_dims: int,
+        output_dims: int,
+        rank: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        bias: bool = False,
+    ):
         super().__init__()
         check_hyper(rank, alpha, dropout)
         self.input_dims, self.output_dims = input_dims, output_dims
@@ -79,8 +95,10 @@ class LoRALinear(nn.Module):
 
     def _extra_repr(self) -> str:
         rs = ", rslora" if self.use_rslora else ""
-        return (f"input_dims={self.input_dims}, output_dims={self.output_dims}, rank={self.rank}, "
-                f"alpha={self.alpha:g}, scale={self.scale:g}, dropout={self.dropout_p:g}{rs}")
+        return (
+            f"input_dims={self.input_dims}, output_dims={self.output_dims}, rank={self.rank}, "
+            f"alpha={self.alpha:g}, scale={self.scale:g}, dropout={self.dropout_p:g}{rs}"
+        )
 
     def __call__(self, x: mx.array) -> mx.array:
         y = self.linear(x)  # (..., out): the frozen base, bias included

@@ -16,18 +16,34 @@ SUPPORTED_TYPES = ("llama", "mistral")
 
 
 # HF config.json keys without which the model cannot be built (ModelArgs' defaults are 7B's).
-REQUIRED_HF = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
-               "intermediate_size", "vocab_size")
+REQUIRED_HF = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "vocab_size",
+)
 
 
 REQUIRED_META = ("dim", "n_layers", "n_heads")
 
 
 # Optional keys (HF and Meta spellings) and what they must hold when present and not null.
-OPTIONAL = {"num_key_value_heads": "int", "n_kv_heads": "int", "head_dim": "int",
-            "max_position_embeddings": "int", "rms_norm_eps": "float", "norm_eps": "float",
-            "rope_theta": "float", "tie_word_embeddings": "bool", "attention_bias": "bool",
-            "mlp_bias": "bool", "rope_scaling": "dict", "rope_parameters": "dict"}
+OPTIONAL = {
+    "num_key_value_heads": "int",
+    "n_kv_heads": "int",
+    "head_dim": "int",
+    "max_position_embeddings": "int",
+    "rms_norm_eps": "float",
+    "norm_eps": "float",
+    "rope_theta": "float",
+    "tie_word_embeddings": "bool",
+    "attention_bias": "bool",
+    "mlp_bias": "bool",
+    "rope_scaling": "dict",
+    "rope_parameters": "dict",
+}
 
 
 def read_config(folder: Path) -> ModelArgs:
@@ -43,21 +59,29 @@ def read_config(folder: Path) -> ModelArgs:
             raise CheckpointError(f"{path}: key '{key}' must be a positive integer, got {value!r}")
     if fmt == "hf":
         if config["model_type"] not in SUPPORTED_TYPES:
-            raise CheckpointError(f"{path}: model_type '{config['model_type']}' is not supported; "
-                                  f"lora_course reads {' and '.join(SUPPORTED_TYPES)} checkpoints")
+            raise CheckpointError(
+                f"{path}: model_type '{config['model_type']}' is not supported; "
+                f"lora_course reads {' and '.join(SUPPORTED_TYPES)} checkpoints"
+            )
         if config.get("hidden_act", "silu") != "silu":
-            raise CheckpointError(f"{path}: hidden_act '{config['hidden_act']}' is not supported "
-                                  "(Llama and Mistral use 'silu')")
+            raise CheckpointError(
+                f"{path}: hidden_act '{config['hidden_act']}' is not supported (Llama and Mistral use 'silu')"
+            )
     elif "sliding_window" in config:
         config.setdefault("model_type", "mistral")
     _check_optional(path, config)
-    dim, heads = (config["hidden_size"], config["num_attention_heads"]) if fmt == "hf" else (
-        config["dim"], config["n_heads"])
+    dim, heads = (
+        (config["hidden_size"], config["num_attention_heads"])
+        if fmt == "hf"
+        else (config["dim"], config["n_heads"])
+    )
     head_dim = config.get("head_dim") or dim // heads
     if head_dim < 2 or head_dim % 2:  # RoPE rotates pairs of features
         source = "key 'head_dim'" if config.get("head_dim") else f"{dim} / {heads} heads"
-        raise CheckpointError(f"{path}: attention heads would be {head_dim} wide ({source}); "
-                              "RoPE needs an even head width of at least 2")
+        raise CheckpointError(
+            f"{path}: attention heads would be {head_dim} wide ({source}); "
+            "RoPE needs an even head width of at least 2"
+        )
     try:
         return ModelArgs.from_dict(config)
     except (TypeError, ValueError) as e:
@@ -66,22 +90,33 @@ def read_config(folder: Path) -> ModelArgs:
 
 def _check_optional(path: Path, config: dict) -> None:
     """Wrong types in optional keys fail here, naming the key, not deep inside the model."""
-    wants = {"int": "a positive integer", "float": "a positive number", "bool": "true or false",
-             "dict": "an object (or null)"}
+    wants = {
+        "int": "a positive integer",
+        "float": "a positive number",
+        "bool": "true or false",
+        "dict": "an object (or null)",
+    }
     for key, kind in OPTIONAL.items():
         value = config.get(key)
         if value is None:
             continue
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        ok = {"int": number and isinstance(value, int) and value > 0,
-              "float": number and math.isfinite(value) and value > 0,
-              "bool": isinstance(value, bool), "dict": isinstance(value, dict)}[kind]
+        ok = {
+            "int": number and isinstance(value, int) and value > 0,
+            "float": number and math.isfinite(value) and value > 0,
+            "bool": isinstance(value, bool),
+            "dict": isinstance(value, dict),
+        }[kind]
         if not ok:
             raise CheckpointError(f"{path}: key '{key}' must be {wants[kind]}, got {repr(value)[:60]}")
     scaling = config.get("rope_scaling") or {}
     factor = scaling.get("factor")
     if scaling.get("type", scaling.get("rope_type")) == "linear" and not (
-            isinstance(factor, (int, float)) and not isinstance(factor, bool) and math.isfinite(factor)
-            and factor > 0):
-        raise CheckpointError(f"{path}: key 'rope_scaling' of type linear needs a positive 'factor', "
-                              f"got {repr(factor)[:60]}")
+        isinstance(factor, (int, float))
+        and not isinstance(factor, bool)
+        and math.isfinite(factor)
+        and factor > 0
+    ):
+        raise CheckpointError(
+            f"{path}: key 'rope_scaling' of type linear needs a positive 'factor', got {repr(factor)[:60]}"
+        )

@@ -46,8 +46,10 @@ def resolve(path=None) -> Path:
     if not folder.exists():
         raise CheckpointError(f"{folder}: no such checkpoint directory")
     if not folder.is_dir():
-        raise CheckpointError(f"{folder}: a checkpoint is a directory (config.json, *.safetensors, "
-                              "tokenizer.model), not a file; pass its directory")
+        raise CheckpointError(
+            f"{folder}: a checkpoint is a directory (config.json, *.safetensors, "
+            "tokenizer.model), not a file; pass its directory"
+        )
     return folder
 
 
@@ -57,8 +59,10 @@ def detect_format(folder: Path) -> str:
         return "hf"
     if (folder / "params.json").is_file():
         return "meta"
-    raise CheckpointError(f"{folder}: neither config.json (Hugging Face / MLX) nor params.json "
-                          "(Meta / Mistral) found; is this a checkpoint directory?")
+    raise CheckpointError(
+        f"{folder}: neither config.json (Hugging Face / MLX) nor params.json "
+        "(Meta / Mistral) found; is this a checkpoint directory?"
+    )
 
 
 def read_json(path: Path) -> dict:
@@ -90,11 +94,15 @@ def weight_files(folder: Path) -> list[Path]:
         for tensor, name in weight_map.items():
             parts = Path(str(name)).parts
             if not isinstance(name, str) or Path(name).is_absolute() or ".." in parts or not parts:
-                raise CheckpointError(f"{index_path}: tensor '{tensor}' points to '{name}', outside "
-                                      "the checkpoint directory; shard names must be plain file names")
+                raise CheckpointError(
+                    f"{index_path}: tensor '{tensor}' points to '{name}', outside "
+                    "the checkpoint directory; shard names must be plain file names"
+                )
             if not (folder / name).is_file():
-                raise CheckpointError(f"{index_path}: shard '{name}' (holding tensor '{tensor}') is "
-                                      "missing; copy all shards listed in the index")
+                raise CheckpointError(
+                    f"{index_path}: shard '{name}' (holding tensor '{tensor}') is "
+                    "missing; copy all shards listed in the index"
+                )
             files.setdefault(name, folder / name)
         return list(files.values())
     if (folder / "model.safetensors").is_file():
@@ -103,6 +111,7 @@ def weight_files(folder: Path) -> list[Path]:
     if not files:
         raise CheckpointError(f"{folder}: no model.safetensors, {INDEX} or model-*.safetensors found")
     return files
+
 
 def dtype_name(dtype: mx.Dtype) -> str:
     return str(dtype).split(".")[-1]  # mlx.core.bfloat16 -> bfloat16

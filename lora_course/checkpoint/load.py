@@ -58,14 +58,18 @@ def load(path=None, lazy: bool = True) -> tuple[Model, Tokenizer]:
         sources = ((f, mx_load(f)) for f in files)  # one file's tensors at a time
         load_weights(model, sources, folder, lazy)
     if tokenizer.vocab_size > model.args.vocab_size:  # its ids would index past the embedding
-        raise CheckpointError(f"{folder / 'tokenizer.model'}: has {tokenizer.vocab_size} pieces but the "
-                              f"model's vocab_size is {model.args.vocab_size}; this tokenizer belongs to "
-                              "another model")
+        raise CheckpointError(
+            f"{folder / 'tokenizer.model'}: has {tokenizer.vocab_size} pieces but the "
+            f"model's vocab_size is {model.args.vocab_size}; this tokenizer belongs to "
+            "another model"
+        )
     return model, tokenizer
 
 
 def _load_tokenizer(folder: Path) -> Tokenizer:
     if not (folder / "tokenizer.model").is_file():
-        raise CheckpointError(f"{folder}: no tokenizer.model (a SentencePiece model); lora_course "
-                              "needs the tokenizer.model that came with the checkpoint")
+        raise CheckpointError(
+            f"{folder}: no tokenizer.model (a SentencePiece model); lora_course "
+            "needs the tokenizer.model that came with the checkpoint"
+        )
     return Tokenizer(folder / "tokenizer.model")

@@ -75,8 +75,9 @@ def load_meta(folder: Path, lazy: bool) -> Model:
     else:
         pths = sorted(folder.glob("consolidated.*.pth"))
         if not pths:
-            raise CheckpointError(f"{folder}: params.json but no consolidated.*.pth or "
-                                  "consolidated.safetensors weights")
+            raise CheckpointError(
+                f"{folder}: params.json but no consolidated.*.pth or consolidated.safetensors weights"
+            )
         shards = [torch_load(f) for f in pths]
         first = pths[0]
     merged = {}
@@ -84,7 +85,8 @@ def load_meta(folder: Path, lazy: bool) -> Model:
         parts = [s[name] for s in shards if name in s]
         axis = meta_concat_axis(name)
         merged[meta_to_hf_name(name)] = (
-            parts[0] if len(parts) == 1 or axis is None else mx.concatenate(parts, axis=axis))
+            parts[0] if len(parts) == 1 or axis is None else mx.concatenate(parts, axis=axis)
+        )
     del shards
     config = read_json(args_path)
     args = read_config(folder)
@@ -103,8 +105,10 @@ def torch_load(path: Path) -> dict[str, mx.array]:
     try:
         import torch
     except ImportError:
-        raise CheckpointError(f"{path}: reading .pth weights needs PyTorch: pip install torch "
-                              "(or convert the checkpoint to safetensors elsewhere)") from None
+        raise CheckpointError(
+            f"{path}: reading .pth weights needs PyTorch: pip install torch "
+            "(or convert the checkpoint to safetensors elsewhere)"
+        ) from None
     try:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -114,8 +118,9 @@ def torch_load(path: Path) -> dict[str, mx.array]:
             state = torch.load(path, map_location="cpu", weights_only=True)  # legacy format
     except Exception as e:  # noqa: BLE001  (UnpicklingError, zip errors ...: one line for people)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: refused to load: not a plain tensor checkpoint "
-                              f"(torch.load weights_only=True: {reason})") from None
+        raise CheckpointError(
+            f"{path}: refused to load: not a plain tensor checkpoint (torch.load weights_only=True: {reason})"
+        ) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
     out = {}

@@ -53,8 +53,10 @@ def hf_weights(model: Model) -> dict[str, mx.array]:
     weights = dict(tree_flatten(model.parameters()))
     for path, m in quantized_modules(model).items():
         if getattr(m, "mode", "affine") != "affine":
-            raise CheckpointError(f"layer '{path}': mode '{m.mode}' quantization cannot be "
-                                  "written in HF format; save with format='mlx'")
+            raise CheckpointError(
+                f"layer '{path}': mode '{m.mode}' quantization cannot be "
+                "written in HF format; save with format='mlx'"
+            )
         weights[f"{path}.weight"] = dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits)
         del weights[f"{path}.scales"], weights[f"{path}.biases"]
     if model.args.rope_traditional:
@@ -65,14 +67,17 @@ def hf_weights(model: Model) -> dict[str, mx.array]:
     return weights
 
 
-
-
 def _dtype_name(weights: dict[str, mx.array]) -> str:
     return next((dtype_name(v.dtype) for v in weights.values() if v.dtype in FLOATS), "float32")
 
 
-def save(model: Model, tokenizer: Tokenizer | None, path, format: str = "mlx",
-         shard_size_mb: float = DEFAULT_SHARD_MB) -> Path:
+def save(
+    model: Model,
+    tokenizer: Tokenizer | None,
+    path,
+    format: str = "mlx",
+    shard_size_mb: float = DEFAULT_SHARD_MB,
+) -> Path:
     """Write ``model`` (and ``tokenizer``) as a checkpoint directory at ``path``, atomically.
 
     ``format="mlx"`` keeps quantized layers and RoPE layout as they are; ``format="hf"``
@@ -86,8 +91,10 @@ def save(model: Model, tokenizer: Tokenizer | None, path, format: str = "mlx",
     names = [k for k, _ in tree_flatten(model.parameters())]
     lora = next((k for k in names if ".lora_" in k), None)
     if lora:
-        raise CheckpointError(f"save: the model still has adapter parameters ('{lora}'); merge them "
-                              "first with lora_course.fuse(model), or save the adapters alone")
+        raise CheckpointError(
+            f"save: the model still has adapter parameters ('{lora}'); merge them "
+            "first with lora_course.fuse(model), or save the adapters alone"
+        )
     path = Path(path)
     _check_replaceable(path)
     args = model.args
@@ -123,8 +130,9 @@ def save(model: Model, tokenizer: Tokenizer | None, path, format: str = "mlx",
     except (OSError, RuntimeError) as e:  # mx.save_safetensors reports a full disk as RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
         why = getattr(e, "strerror", None) or e
-        raise CheckpointError(f"{path}: writing the checkpoint failed ({why}); "
-                              "the previous contents are unchanged") from None
+        raise CheckpointError(
+            f"{path}: writing the checkpoint failed ({why}); the previous contents are unchanged"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -138,8 +146,10 @@ def _check_replaceable(path: Path) -> None:
         raise CheckpointError(f"{path}: exists and is a file; save needs a directory path")
     for child in path.iterdir():
         if child.is_dir() or not CHECKPOINT_FILES.match(child.name):
-            raise CheckpointError(f"{path}: exists and holds '{child.name}', which is not a checkpoint "
-                                  "file; save to a new or empty directory (nothing was written)")
+            raise CheckpointError(
+                f"{path}: exists and holds '{child.name}', which is not a checkpoint "
+                "file; save to a new or empty directory (nothing was written)"
+            )
 
 
 def _write_shards(folder: Path, weights: dict, shard_size_mb: float, metadata: dict) -> None:

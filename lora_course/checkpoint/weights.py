@@ -38,17 +38,20 @@ def build(args: ModelArgs, quantized: set[str], config_path: Path) -> Model:
     if quantized:
         q = dict(args.quantization or {})
         if "group_size" not in q or "bits" not in q:
-            raise CheckpointError(f"{config_path}: the weights are quantized (found "
-                                  f"'{sorted(quantized)[0]}.scales') but there is no "
-                                  "'quantization' entry with group_size and bits")
+            raise CheckpointError(
+                f"{config_path}: the weights are quantized (found "
+                f"'{sorted(quantized)[0]}.scales') but there is no "
+                "'quantization' entry with group_size and bits"
+            )
 
         def predicate(path, module):
             if path not in quantized or not hasattr(module, "to_quantized"):
                 return False
             return q[path] if isinstance(q.get(path), dict) else True
 
-        nn.quantize(model, q["group_size"], q["bits"], mode=q.get("mode", "affine"),
-                    class_predicate=predicate)
+        nn.quantize(
+            model, q["group_size"], q["bits"], mode=q.get("mode", "affine"), class_predicate=predicate
+        )
         use_dequant_layers(model)  # the same layer classes quantize_model makes (fast on CPU)
     return model
 
@@ -96,15 +99,22 @@ def _check_tensor(file, name: str, value: mx.array, want: mx.array | None, args:
     else:
         ok, expect = value.dtype in FLOATS, "float16, bfloat16 or float32"
     if not ok:
-        raise CheckpointError(f"{file}: tensor '{name}' has dtype {dtype_name(value.dtype)}, expected {expect}; "
-                              "re-save the checkpoint with a supported dtype")
+        raise CheckpointError(
+            f"{file}: tensor '{name}' has dtype {dtype_name(value.dtype)}, expected {expect}; "
+            "re-save the checkpoint with a supported dtype"
+        )
     if tuple(value.shape) != tuple(want.shape):
-        if (name in ("model.embed_tokens.weight", "lm_head.weight") and value.ndim == 2
-                and value.shape[0] != args.vocab_size):
+        if (
+            name in ("model.embed_tokens.weight", "lm_head.weight")
+            and value.ndim == 2
+            and value.shape[0] != args.vocab_size
+        ):
             raise CheckpointError(
                 f"{file}: tensor '{name}' has {value.shape[0]} rows (shape {tuple(value.shape)}) but "
                 f"config vocab_size is {args.vocab_size} (expects {tuple(want.shape)}); fix "
                 "vocab_size in the config to match the embedding"
             )
-        raise CheckpointError(f"{file}: tensor '{name}' has shape {tuple(value.shape)}, but the "
-                              f"model built from the config expects {tuple(want.shape)}")
+        raise CheckpointError(
+            f"{file}: tensor '{name}' has shape {tuple(value.shape)}, but the "
+            f"model built from the config expects {tuple(want.shape)}"
+        )

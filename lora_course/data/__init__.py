@@ -3,10 +3,10 @@
 Taught in notebooks 09 (data) and 12 (pretraining the base model).
 """
 
-from lora_course.data.records import DatasetError, DatasetWarning
-from lora_course.data.datasets import DatasetSplits, TokenizedDataset, load_dataset
 from lora_course.data.batching import iterate_batches
+from lora_course.data.datasets import DatasetSplits, TokenizedDataset, load_dataset
 from lora_course.data.docstrings import build_docstring_dataset
+from lora_course.data.records import DatasetError, DatasetWarning
 
 __all__ = [
     "DatasetError",

@@ -25,9 +25,18 @@ def _tokens_and_mask(item):
 
 
 def iterate_batches(
-    dataset, batch_size: int, max_seq_length: int = 2048, train: bool = False, seed: int = 0,
-    epoch: int = 0, start: int = 0, rank: int = 0, world_size: int = 1, pad_multiple: int = 8,
-    shuffle: bool | None = None, limit: int | None = None,
+    dataset,
+    batch_size: int,
+    max_seq_length: int = 2048,
+    train: bool = False,
+    seed: int = 0,
+    epoch: int = 0,
+    start: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    pad_multiple: int = 8,
+    shuffle: bool | None = None,
+    limit: int | None = None,
 ):
     """Yield ``(inputs, targets, mask)`` batches, each ``(B, L)``, from a tokenized dataset.
 
@@ -57,7 +66,8 @@ def iterate_batches(
     if (lengths > max_seq_length).any():
         warnings.warn(
             f"{int((lengths > max_seq_length).sum())} of {n} examples are longer than "
-            f"max_seq_length={max_seq_length} tokens and are truncated", stacklevel=2,
+            f"max_seq_length={max_seq_length} tokens and are truncated",
+            stacklevel=2,
         )
     if train:
         rng = np.random.default_rng([seed, epoch])
@@ -87,5 +97,3 @@ def _collate(items, max_seq_length: int, pad_multiple: int):
         # target j is token j+1, so the target mask is the sample mask shifted by one
         mask[j, : n - 1] = 1.0 if m is None else np.asarray(m[1:n], np.float32)
     return mx.array(tokens[:, :-1]), mx.array(tokens[:, 1:]), mx.array(mask)
-
-

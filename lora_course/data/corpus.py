@@ -57,10 +57,31 @@ HELD_OUT = ("mlx", "mlx_lm")
 # Modules that do something when imported (open a browser, print, start a GUI or a
 # REPL), that only exist on other platforms, or whose text is generated boilerplate.
 SKIP_MODULES = {
-    "antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "test",
-    "lib2to3", "ensurepip", "pydoc_data", "encodings", "msilib", "winreg", "winsound",
-    "nt", "msvcrt", "_winapi", "sitecustomize", "usercustomize", "distutils",
-    "numpy.f2py", "numpy.distutils", "matplotlib.testing", "matplotlib.backends", "tqdm.contrib",
+    "antigravity",
+    "this",
+    "idlelib",
+    "tkinter",
+    "turtle",
+    "turtledemo",
+    "test",
+    "lib2to3",
+    "ensurepip",
+    "pydoc_data",
+    "encodings",
+    "msilib",
+    "winreg",
+    "winsound",
+    "nt",
+    "msvcrt",
+    "_winapi",
+    "sitecustomize",
+    "usercustomize",
+    "distutils",
+    "numpy.f2py",
+    "numpy.distutils",
+    "matplotlib.testing",
+    "matplotlib.backends",
+    "tqdm.contrib",
 }
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 MAX_DEFAULT_REPR = 40  # longer default values in signatures are written as "..."
@@ -110,8 +131,11 @@ def module_names(package: str, held_out=HELD_OUT) -> list[str]:
 
 def _import(name: str):
     """Import quietly; None when it fails (missing extras, other platforms)."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-            contextlib.redirect_stderr(io.StringIO()):
+    with (
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(io.StringIO()),
+        contextlib.redirect_stderr(io.StringIO()),
+    ):
         warnings.simplefilter("ignore")
         try:
             return importlib.import_module(name)
@@ -279,20 +303,36 @@ def walk(packages, held_out=HELD_OUT) -> tuple[list[tuple[str, str]], int, list[
 def _walk_in_fresh_interpreter(packages, held_out):
     """``walk`` in a new ``python`` process; the result comes back as a JSON file."""
     root = str(Path(__file__).resolve().parent.parent)  # the directory holding lora_course/
-    child = ("import json, os, sys; sys.path[:] = [sys.argv[1]] + [p for p in sys.path if p not in ('', os.getcwd())]; "
-             "from lora_course.data.corpus import walk; "
-             "args = json.loads(sys.argv[2]); result = walk(args['packages'], args['held_out']); "
-             "open(sys.argv[3], 'w', encoding='utf-8').write(json.dumps(result))")
+    child = (
+        "import json, os, sys; "
+        "sys.path[:] = [sys.argv[1]] + [p for p in sys.path if p not in ('', os.getcwd())]; "
+        "from lora_course.data.corpus import walk; "
+        "args = json.loads(sys.argv[2]); result = walk(args['packages'], args['held_out']); "
+        "open(sys.argv[3], 'w', encoding='utf-8').write(json.dumps(result))"
+    )
     with tempfile.TemporaryDirectory(prefix="lora-course-corpus-") as tmp:
         out = Path(tmp) / "sources.json"
         env = {**os.environ, "PYTHONHASHSEED": "0", "LORA_COURSE_NO_BLAS": "1"}  # no MLX work here
-        proc = subprocess.run([sys.executable, "-c", child, root,
-                               json.dumps({"packages": packages, "held_out": held_out}), str(out)],
-                              env=env, cwd=tmp, capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                child,
+                root,
+                json.dumps({"packages": packages, "held_out": held_out}),
+                str(out),
+            ],
+            env=env,
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode != 0 or not out.is_file():
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise RuntimeError(f"corpus: walking {', '.join(packages)} in a fresh Python failed ({last}); "
-                               "try build_corpus(..., isolated=False) to see the full error")
+            raise RuntimeError(
+                f"corpus: walking {', '.join(packages)} in a fresh Python failed ({last}); "
+                "try build_corpus(..., isolated=False) to see the full error"
+            )
         sources, walked, failed = json.loads(out.read_text(encoding="utf-8"))
     return [tuple(s) for s in sources], walked, failed
 

@@ -61,8 +61,9 @@ class TokenizedDataset:
         self._lengths = np.array([len(t) for t, _ in samples], dtype=np.int64)
         self._offsets = np.concatenate([[0], np.cumsum(self._lengths)])  # sample i: [o[i], o[i+1])
         total = int(self._offsets[-1])
-        self._tokens = np.fromiter(itertools.chain.from_iterable(t for t, _ in samples),
-                                   dtype=np.int32, count=total)
+        self._tokens = np.fromiter(
+            itertools.chain.from_iterable(t for t, _ in samples), dtype=np.int32, count=total
+        )
         self._mask = None
         if any(m is not None for _, m in samples):  # None among masks means "all tokens"
             masks = (m if m is not None else [1] * len(t) for t, m in samples)
@@ -87,7 +88,9 @@ class TokenizedDataset:
         return self._lengths
 
     def __repr__(self) -> str:
-        return f"TokenizedDataset({len(self)} samples, {int(self._offsets[-1])} tokens, path={str(self.path)!r})"
+        return (
+            f"TokenizedDataset({len(self)} samples, {int(self._offsets[-1])} tokens, path={str(self.path)!r})"
+        )
 
 
 class DatasetSplits(NamedTuple):
@@ -99,8 +102,8 @@ class DatasetSplits(NamedTuple):
 class _Sample(NamedTuple):
     text: str
     spans: list[tuple[int, int]]  # character spans that carry loss (empty: all of it)
-    ends_with_target: bool        # does the appended EOS carry loss under mask_prompt?
-    chat: bool                    # rendered by a chat template (may contain <s>, </s>)
+    ends_with_target: bool  # does the appended EOS carry loss under mask_prompt?
+    chat: bool  # rendered by a chat template (may contain <s>, </s>)
 
 
 def _field(obj: dict, key: str, path, n, allow_empty=True) -> str:
@@ -115,12 +118,22 @@ def _field(obj: dict, key: str, path, n, allow_empty=True) -> str:
 def _shape(obj, path, n, text_key: str) -> str:
     if not isinstance(obj, dict):
         raise DatasetError(path, n, f"expected a JSON object, got {type(obj).__name__}")
-    found = [shape for shape, present in (("chat", "messages" in obj),
-                                          ("completion", "prompt" in obj or "completion" in obj),
-                                          ("text", text_key in obj)) if present]
+    found = [
+        shape
+        for shape, present in (
+            ("chat", "messages" in obj),
+            ("completion", "prompt" in obj or "completion" in obj),
+            ("text", text_key in obj),
+        )
+        if present
+    ]
     if not found:
-        raise DatasetError(path, n, f"no {text_key!r}, 'prompt'/'completion' or 'messages' field "
-                           f"(keys: {short(', '.join(map(str, obj)) or 'none')})")
+        raise DatasetError(
+            path,
+            n,
+            f"no {text_key!r}, 'prompt'/'completion' or 'messages' field "
+            f"(keys: {short(', '.join(map(str, obj)) or 'none')})",
+        )
     if len(found) > 1:
         raise DatasetError(path, n, f"ambiguous record: has {' and '.join(found)} fields; keep one")
     return found[0]
@@ -157,14 +170,18 @@ def _sample(obj, shape: str, path, n, tok: Tokenizer, text_key: str, mask_prompt
         return _Sample(prompt + completion, [(len(prompt), len(prompt) + len(completion))], True, False)
     messages = obj["messages"]
     if not isinstance(messages, list) or not messages:
-        raise DatasetError(path, n, "field 'messages' must be a non-empty list of "
-                           "{'role', 'content'} objects")
+        raise DatasetError(
+            path, n, "field 'messages' must be a non-empty list of {'role', 'content'} objects"
+        )
     for k, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise DatasetError(path, n, f"messages[{k}] must be an object with 'role' and 'content'")
         if m["role"] not in ROLES:
-            raise DatasetError(path, n, f"messages[{k}] has unknown role {short(repr(m['role']))}; "
-                               f"use one of {', '.join(ROLES)}")
+            raise DatasetError(
+                path,
+                n,
+                f"messages[{k}] has unknown role {short(repr(m['role']))}; use one of {', '.join(ROLES)}",
+            )
         _field(m, "content", path, n)
     if mask_prompt and not any(m["role"] == "assistant" for m in messages):
         raise DatasetError(path, n, "no assistant message, so nothing carries loss with mask_prompt")
@@ -210,8 +227,9 @@ def _finish(pairs, bos, max_seq_length, chunk_tokens, dedup):
         if chunk_tokens and len(ids) > chunk_tokens:
             pieces = [(ids[:chunk_tokens], mask and mask[:chunk_tokens])]
             for p in range(chunk_tokens, len(ids), chunk_tokens - 1):  # later chunks: BOS + C-1
-                pieces.append(([bos, *ids[p:p + chunk_tokens - 1]],
-                               mask and [0, *mask[p:p + chunk_tokens - 1]]))
+                pieces.append(
+                    ([bos, *ids[p : p + chunk_tokens - 1]], mask and [0, *mask[p : p + chunk_tokens - 1]])
+                )
             if mask is not None:
                 pieces = [(t, m) for t, m in pieces if any(m[1:])]
         for t, m in pieces:
@@ -232,8 +250,12 @@ def _read(path: Path, tok, text_column, txt_mode, mask_prompt) -> list[_Sample]:
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         samples = [_Sample(t, [], True, False) for f in files for _, t in txt_texts(f, txt_mode)]
         if not samples:
-            raise DatasetError(path, 0, "no train.jsonl and no text in any .txt file here; "
-                               "give a folder with train.jsonl or with non-empty .txt files")
+            raise DatasetError(
+                path,
+                0,
+                "no train.jsonl and no text in any .txt file here; "
+                "give a folder with train.jsonl or with non-empty .txt files",
+            )
         return samples
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
@@ -242,8 +264,12 @@ def _read(path: Path, tok, text_column, txt_mode, mask_prompt) -> list[_Sample]:
             shape = _shape(obj, path, n, text_column)
             first_shape = first_shape or (shape, n)
             if shape != first_shape[0]:
-                raise DatasetError(path, n, f"mixed formats: this line is {shape} but line "
-                                   f"{first_shape[1]} is {first_shape[0]}; use one format per file")
+                raise DatasetError(
+                    path,
+                    n,
+                    f"mixed formats: this line is {shape} but line "
+                    f"{first_shape[1]} is {first_shape[0]}; use one format per file",
+                )
             samples.append(_sample(obj, shape, path, n, tok, text_column, mask_prompt))
     elif suffix == ".csv":
         samples = []
@@ -260,9 +286,17 @@ def _read(path: Path, tok, text_column, txt_mode, mask_prompt) -> list[_Sample]:
     return samples
 
 
-def load_dataset(path, tokenizer: Tokenizer, max_seq_length: int = 2048, mask_prompt: bool = False,
-                 text_column: str = "text", txt_mode: str = "line", chunk_tokens: int | None = None,
-                 dedup: bool = False, add_eos: bool = True) -> DatasetSplits:
+def load_dataset(
+    path,
+    tokenizer: Tokenizer,
+    max_seq_length: int = 2048,
+    mask_prompt: bool = False,
+    text_column: str = "text",
+    txt_mode: str = "line",
+    chunk_tokens: int | None = None,
+    dedup: bool = False,
+    add_eos: bool = True,
+) -> DatasetSplits:
     """Read, validate and tokenize a dataset (the formats are in the module docstring).
 
     A folder with ``train.jsonl`` gives all three splits (missing ones are None); anything
@@ -290,7 +324,10 @@ def load_dataset(path, tokenizer: Tokenizer, max_seq_length: int = 2048, mask_pr
         splits[split] = TokenizedDataset(pairs, path=file)
     if sum(truncated.values()):
         where = ", ".join(f"{name}: {k}" for name, k in truncated.items() if k)
-        warnings.warn(f"truncated {sum(truncated.values())} samples longer than max_seq_length="
-                      f"{max_seq_length} tokens ({where}); raise max_seq_length or set chunk_tokens",
-                      DatasetWarning, stacklevel=2)
+        warnings.warn(
+            f"truncated {sum(truncated.values())} samples longer than max_seq_length="
+            f"{max_seq_length} tokens ({where}); raise max_seq_length or set chunk_tokens",
+            DatasetWarning,
+            stacklevel=2,
+        )
     return DatasetSplits(*(splits.get(s) for s in SPLITS))

@@ -44,8 +44,10 @@ def _walk(package: str, failures: list[str]) -> list[types.ModuleType]:
     try:
         root = importlib.import_module(package)
     except (Exception, SystemExit) as e:  # the package itself is not optional: say so
-        raise ValueError(f"cannot import package {package!r} ({type(e).__name__}: {e}); "
-                         "is it installed in this environment?") from None
+        raise ValueError(
+            f"cannot import package {package!r} ({type(e).__name__}: {e}); "
+            "is it installed in this environment?"
+        ) from None
     modules, seen = [], set()
 
     def visit(module: types.ModuleType) -> None:
@@ -55,8 +57,11 @@ def _walk(package: str, failures: list[str]) -> list[types.ModuleType]:
         modules.append(module)
         children = {info.name for info in pkgutil.iter_modules(getattr(module, "__path__", []))}
         # compiled extensions keep submodules as attributes (mlx.core.random)
-        children |= {name for name, value in vars(module).items() if isinstance(value, types.ModuleType)
-                     and value.__name__ == f"{module.__name__}.{name}"}
+        children |= {
+            name
+            for name, value in vars(module).items()
+            if isinstance(value, types.ModuleType) and value.__name__ == f"{module.__name__}.{name}"
+        }
         for child in sorted(filter(_public, children)):
             full = f"{module.__name__}.{child}"
             try:
@@ -72,8 +77,9 @@ def _walk(package: str, failures: list[str]) -> list[types.ModuleType]:
 
 def _documented(obj) -> bool:
     """Classes and functions (Python or compiled) defined somewhere we would name."""
-    return isinstance(obj, type) or (callable(obj) and hasattr(obj, "__name__")
-                                     and not isinstance(obj, types.ModuleType))
+    return isinstance(obj, type) or (
+        callable(obj) and hasattr(obj, "__name__") and not isinstance(obj, types.ModuleType)
+    )
 
 
 def clean_docstring(doc) -> str:
@@ -128,13 +134,22 @@ def _split(records: list[str], test_fraction: float, seed: int) -> dict[str, lis
     n_test = round(len(records) * test_fraction)
     if test_fraction > 0 and len(records) >= 3:
         n_test = max(1, n_test)
-    test, valid, train = order[:n_test], order[n_test:2 * n_test], order[2 * n_test:]
-    return {"train": [records[i] for i in train], "valid": [records[i] for i in valid],
-            "test": [records[i] for i in test]}
+    test, valid, train = order[:n_test], order[n_test : 2 * n_test], order[2 * n_test :]
+    return {
+        "train": [records[i] for i in train],
+        "valid": [records[i] for i in valid],
+        "test": [records[i] for i in test],
+    }
 
 
-def build_docstring_dataset(packages=("mlx",), out_dir="mlx-doc-data", seq_limit: int = 2048,
-                            test_fraction: float = 0.1, seed: int = 0, workers: int | None = None) -> dict:
+def build_docstring_dataset(
+    packages=("mlx",),
+    out_dir="mlx-doc-data",
+    seq_limit: int = 2048,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    workers: int | None = None,
+) -> dict:
     """Write ``train/valid/test.jsonl`` of docstring Q/A records into ``out_dir``.
 
     ``valid`` and ``test`` each get ``test_fraction`` of the records (at least one each
@@ -147,7 +162,9 @@ def build_docstring_dataset(packages=("mlx",), out_dir="mlx-doc-data", seq_limit
     ``modules`` imported, ``import_failures`` (skipped), and ``seconds``.
     """
     if not 0 <= test_fraction < 0.5:
-        raise ValueError(f"test_fraction must be in [0, 0.5) (valid and test each get it), got {test_fraction}")
+        raise ValueError(
+            f"test_fraction must be in [0, 0.5) (valid and test each get it), got {test_fraction}"
+        )
     if seq_limit < 1:
         raise ValueError(f"seq_limit must be positive, got {seq_limit}")
     packages = [packages] if isinstance(packages, str) else list(packages)
@@ -164,8 +181,10 @@ def build_docstring_dataset(packages=("mlx",), out_dir="mlx-doc-data", seq_limit
             by_path.setdefault(path, text[:seq_limit].rstrip())
     failures = sorted({f for _, _, fails in results for f in fails})
     if not by_path:
-        raise ValueError(f"no documented public names found in {', '.join(packages)} "
-                         f"(import failures: {', '.join(failures) or 'none'})")
+        raise ValueError(
+            f"no documented public names found in {', '.join(packages)} "
+            f"(import failures: {', '.join(failures) or 'none'})"
+        )
     splits = _split([by_path[p] for p in sorted(by_path)], test_fraction, seed)
     out = Path(out_dir)
     files = atomic.FileSet()  # every split is written in full before any replaces an old one
@@ -180,13 +199,16 @@ def build_docstring_dataset(packages=("mlx",), out_dir="mlx-doc-data", seq_limit
             if not splits[split] and (out / f"{split}.jsonl").exists():
                 os.unlink(out / f"{split}.jsonl")  # a stale split from an earlier run would not match
     except OSError as e:
-        kept = ("the splits are mixed; run it again" if files.replaced
-                else "the previous files are unchanged")
+        kept = "the splits are mixed; run it again" if files.replaced else "the previous files are unchanged"
         err = OSError(f"{out}: cannot write the dataset ({e.strerror or e}); {kept}")
         err.errno = e.errno
         raise err from None
     counts = {s: len(splits[s]) for s in SPLITS}
-    counts.update(records=len(by_path), modules=sum(r[1] for r in results),
-                  import_failures=len(failures), seconds=round(time.perf_counter() - start, 3))
+    counts.update(
+        records=len(by_path),
+        modules=sum(r[1] for r in results),
+        import_failures=len(failures),
+        seconds=round(time.perf_counter() - start, 3),
+    )
     counts["failed_modules"] = failures
     return counts

@@ -9,8 +9,8 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 
 def short(text: str, limit: int = 60) -> str:
@@ -37,16 +37,21 @@ def numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DatasetError(path, n, f"not UTF-8 (byte {raw[e.start:e.start + 1]!r} at "
-                                   f"column {e.start + 1}); re-save the file as UTF-8") from None
+                raise DatasetError(
+                    path,
+                    n,
+                    f"not UTF-8 (byte {raw[e.start : e.start + 1]!r} at "
+                    f"column {e.start + 1}); re-save the file as UTF-8",
+                ) from None
             yield n, (line[1:] if n == 1 and line.startswith("\ufeff") else line)
 
 
 def jsonl_records(path: Path) -> Iterator[tuple[int, object]]:
     for n, line in numbered_lines(path):
         if not line.strip():
-            raise DatasetError(path, n, "blank line; a .jsonl file holds one JSON object per "
-                               "line, delete the blank line")
+            raise DatasetError(
+                path, n, "blank line; a .jsonl file holds one JSON object per line, delete the blank line"
+            )
         try:
             yield n, json.loads(line)
         except json.JSONDecodeError as e:
@@ -63,13 +68,18 @@ def csv_texts(path: Path, column: str) -> Iterator[tuple[int, str]]:
         except StopIteration:
             raise DatasetError(path, 0, "empty file; expected a header row") from None
         if column not in header:
-            raise DatasetError(path, 1, f"no column {column!r} (columns: {short(', '.join(header))}); "
-                               "pass text_column= to choose one")
+            raise DatasetError(
+                path,
+                1,
+                f"no column {column!r} (columns: {short(', '.join(header))}); "
+                "pass text_column= to choose one",
+            )
         col, start = header.index(column), reader.line_num + 1
         for row in reader:
             if row and len(row) <= col:
-                raise DatasetError(path, start, f"row has {len(row)} cells, column {column!r} "
-                                   f"is cell {col + 1}")
+                raise DatasetError(
+                    path, start, f"row has {len(row)} cells, column {column!r} is cell {col + 1}"
+                )
             if row:
                 yield start, row[col]
             start = reader.line_num + 1

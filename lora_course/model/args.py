@@ -60,7 +60,7 @@ class ModelArgs:
     }
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> "ModelArgs":
+    def from_dict(cls, config: dict[str, Any]) -> ModelArgs:
         """Build from an HF ``config.json`` dict, a Meta ``params.json`` dict, or our own
         ``asdict``. Unknown keys are ignored."""
         config = dict(config)

@@ -23,9 +23,7 @@ def causal_mask(q_len: int, k_len: int) -> mx.array:
     return q_pos >= mx.arange(k_len)[None, :]
 
 
-def attention_reference(
-    q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool
-) -> mx.array:
+def attention_reference(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool) -> mx.array:
     """softmax(q k^T * scale + mask) v, with K/V heads repeated for GQA.
 
     q: (B, n_heads, Lq, D); k, v: (B, n_kv_heads, Lk, D).
@@ -86,7 +84,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=bias)
         rope_scale = 1.0
-        if args.rope_scaling and args.rope_scaling.get("type", args.rope_scaling.get("rope_type")) == "linear":
+        if (
+            args.rope_scaling
+            and args.rope_scaling.get("type", args.rope_scaling.get("rope_type")) == "linear"
+        ):
             rope_scale = 1.0 / args.rope_scaling["factor"]
         self.rope = RoPE(self.head_dim, args.rope_traditional, args.rope_theta, rope_scale)
 

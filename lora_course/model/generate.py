@@ -16,7 +16,7 @@ Taught in notebook 04 (checkpoints, tokenizers and sampling).
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import mlx.core as mx
 
@@ -52,16 +52,24 @@ def filter_logits(logits: mx.array, temp: float = 1.0, top_p: float = 1.0, top_k
     return logits
 
 
-def sample(logits: mx.array, temp: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-           key: mx.array | None = None) -> mx.array:
+def sample(
+    logits: mx.array, temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, key: mx.array | None = None
+) -> mx.array:
     """Draw one token id per row of ``logits`` (..., V) -> (...,). ``temp=0``: argmax."""
     if temp == 0:
         return mx.argmax(logits, axis=-1)
     return mx.random.categorical(filter_logits(logits, temp, top_p, top_k), axis=-1, key=key)
 
 
-def generate_tokens(model, prompt: list[int], max_tokens: int = 100, temp: float = 0.0,
-                    top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> Iterator[int]:
+def generate_tokens(
+    model,
+    prompt: list[int],
+    max_tokens: int = 100,
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+) -> Iterator[int]:
     """Yield up to ``max_tokens`` new token ids after ``prompt`` (a list of ids)."""
     if len(prompt) == 0:
         raise ValueError("generate: the prompt is empty (encode it with bos=True, or give some text)")
@@ -110,12 +118,12 @@ class DiffDetokenizer:
         text = self.tokenizer.decode(self.ids)
         if text.endswith("\ufffd") or not text.startswith(self.text):
             return ""  # an incomplete multi-byte character: wait for its last byte
-        piece, self.text = text[len(self.text):], text
+        piece, self.text = text[len(self.text) :], text
         return piece
 
     def finalize(self) -> str:
         text = self.tokenizer.decode(self.ids)
-        return text[len(self.text):] if text.startswith(self.text) else ""
+        return text[len(self.text) :] if text.startswith(self.text) else ""
 
 
 def detokenize(tokenizer, token_ids: Iterable[int], at_start: bool) -> Iterator[str]:
@@ -144,8 +152,16 @@ def until_eos(token_ids: Iterable[int], eos_id: int | None) -> Iterator[int]:
         yield t
 
 
-def stream_generate(model, tokenizer, prompt, max_tokens: int = 100, temp: float = 0.0,
-                    top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> Iterator[str]:
+def stream_generate(
+    model,
+    tokenizer,
+    prompt,
+    max_tokens: int = 100,
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+) -> Iterator[str]:
     """Yield the continuation of ``prompt`` (text, or a list of ids) piece by piece.
 
     Stops after ``max_tokens`` tokens or at the end-of-sequence token (not yielded).
@@ -156,7 +172,15 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 100, temp: float
     yield from detokenize(tokenizer, until_eos(tokens, tokenizer.eos_id), at_start)
 
 
-def generate(model, tokenizer, prompt, max_tokens: int = 100, temp: float = 0.0,
-             top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> str:
+def generate(
+    model,
+    tokenizer,
+    prompt,
+    max_tokens: int = 100,
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+) -> str:
     """The continuation of ``prompt`` as one string (see :func:`stream_generate`)."""
     return "".join(stream_generate(model, tokenizer, prompt, max_tokens, temp, top_p, top_k, seed))

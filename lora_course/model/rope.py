@@ -12,9 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
-def rope_reference(
-    x: mx.array, offset: int, base: float, traditional: bool, scale: float = 1.0
-) -> mx.array:
+def rope_reference(x: mx.array, offset: int, base: float, traditional: bool, scale: float = 1.0) -> mx.array:
     """Rotate feature pairs of x (B, H, L, D) by angle position * theta_i.
 
     theta_i = base^(-2i/D). ``traditional`` pairs features (0,1), (2,3), ...;

@@ -5,9 +5,16 @@ at BLAS speed on CPU) -> ``layers`` (whole models) -> ``size`` (bytes and bits p
 Taught in notebooks 07 (precision and quantization) and 08 (QLoRA).
 """
 
-from lora_course.quant.quantize import QuantizationError, dequantize, pack, quantize, unpack
 from lora_course.quant.dequant import DequantEmbedding, DequantLinear, dequant_matmul
-from lora_course.quant.layers import default_predicate, dense_weight, dequantized, is_quantized, quantize_model, use_dequant_layers
+from lora_course.quant.layers import (
+    default_predicate,
+    dense_weight,
+    dequantized,
+    is_quantized,
+    quantize_model,
+    use_dequant_layers,
+)
+from lora_course.quant.quantize import QuantizationError, dequantize, pack, quantize, unpack
 from lora_course.quant.size import ModelSize, effective_bits, model_size
 
 __all__ = [

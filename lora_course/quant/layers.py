@@ -35,8 +35,12 @@ def dense_weight(layer: nn.Module) -> mx.array:
     """The layer's weight as a float matrix (out, in), dequantized if it is stored packed."""
     if is_quantized(layer):
         return mx.dequantize(
-            layer.weight, layer.scales, layer.get("biases"),
-            group_size=layer.group_size, bits=layer.bits, mode=getattr(layer, "mode", "affine"),
+            layer.weight,
+            layer.scales,
+            layer.get("biases"),
+            group_size=layer.group_size,
+            bits=layer.bits,
+            mode=getattr(layer, "mode", "affine"),
         )
     return layer.weight
 
@@ -67,8 +71,10 @@ def _quantized_twin(module: nn.Module, group_size: int, bits: int, linear_class,
     """A quantized layer holding our quantize(module.weight), bias carried over."""
     rows, cols = module.weight.shape
     if cols % group_size:  # checked before the layer classes run mx.quantize on their own
-        raise QuantizationError(f"its width {cols} is not divisible by group_size={group_size}; "
-                                "choose a group size that divides it, or leave the layer out (predicate=)")
+        raise QuantizationError(
+            f"its width {cols} is not divisible by group_size={group_size}; "
+            "choose a group size that divides it, or leave the layer out (predicate=)"
+        )
     if isinstance(module, nn.Embedding):
         layer = embedding_class(rows, cols, group_size=group_size, bits=bits)
     else:

@@ -113,9 +113,7 @@ def unpack(w_q: mx.array, bits: int) -> mx.array:
     return mx.stack(out, axis=-1).reshape(*lead, n_words * 32 // bits)  # (..., C)
 
 
-def quantize(
-    w: mx.array, group_size: int = 64, bits: int = 4
-) -> tuple[mx.array, mx.array, mx.array]:
+def quantize(w: mx.array, group_size: int = 64, bits: int = 4) -> tuple[mx.array, mx.array, mx.array]:
     """Quantize ``w`` (..., C) group-wise: returns ``(w_q, scales, biases)`` like ``mx.quantize``.
 
     ``w_q`` is uint32 of shape (..., C * bits / 32); ``scales`` and ``biases`` have shape

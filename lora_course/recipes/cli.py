@@ -62,11 +62,14 @@ def _info(args) -> int:
 
 # ----------------------------------------------------------------------------- generate
 
+
 def add_generate_command(subparsers) -> None:
-    p = subparsers.add_parser("generate", help="generate text from a checkpoint",
-                              description="Continue a prompt with a model (greedy unless --temp > 0).")
-    p.add_argument("--model", default=None,
-                   help="checkpoint directory (default: the course's base model)")
+    p = subparsers.add_parser(
+        "generate",
+        help="generate text from a checkpoint",
+        description="Continue a prompt with a model (greedy unless --temp > 0).",
+    )
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the course's base model)")
     p.add_argument("-p", "--prompt", default="Once upon a time", help="the text to continue")
     p.add_argument("-n", "--num-tokens", type=int, default=100, help="most tokens to generate")
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy")
@@ -108,26 +111,39 @@ def _generate_cli(args) -> int:
     t_end = time.perf_counter()
     if t_first is not None:
         decode_rate = (count - 1) / (t_end - t_first) if count > 1 else float("nan")
-        print(f"prompt: {len(ids)} tokens, {len(ids) / (t_first - t0):.1f} tokens/s | "
-              f"generation: {count} tokens, {decode_rate:.1f} tokens/s", file=sys.stderr)
+        print(
+            f"prompt: {len(ids)} tokens, {len(ids) / (t_first - t0):.1f} tokens/s | "
+            f"generation: {count} tokens, {decode_rate:.1f} tokens/s",
+            file=sys.stderr,
+        )
     return 0
 
 
 # ----------------------------------------------------------------------------- fuse
 
+
 def add_fuse_command(subparsers) -> None:
     p = subparsers.add_parser(
-        "fuse", help="merge LoRA/DoRA adapters into a model and save it standalone",
+        "fuse",
+        help="merge LoRA/DoRA adapters into a model and save it standalone",
         description="Load --model, apply the adapters in --adapter-path, merge them into the "
-                    "weights and save the result to --save-path.")
+        "weights and save the result to --save-path.",
+    )
     p.add_argument("--model", required=True, help="checkpoint directory (HF or MLX layout)")
-    p.add_argument("--adapter-path", required=True,
-                   help="adapter directory (adapter_config.json + adapters.safetensors, or PEFT's)")
+    p.add_argument(
+        "--adapter-path",
+        required=True,
+        help="adapter directory (adapter_config.json + adapters.safetensors, or PEFT's)",
+    )
     p.add_argument("--save-path", required=True, help="output directory for the fused model")
-    p.add_argument("--de-quantize", action="store_true",
-                   help="write float weights even if the model is quantized")
-    p.add_argument("--export-hf", action="store_true",
-                   help="write a plain Hugging Face checkpoint (implies --de-quantize)")
+    p.add_argument(
+        "--de-quantize", action="store_true", help="write float weights even if the model is quantized"
+    )
+    p.add_argument(
+        "--export-hf",
+        action="store_true",
+        help="write a plain Hugging Face checkpoint (implies --de-quantize)",
+    )
     p.set_defaults(func=_fuse_cli)
 
 
@@ -139,11 +155,14 @@ def _fuse_cli(args) -> int:
 
 # ----------------------------------------------------------------------------- convert
 
+
 def add_convert_command(subparsers) -> None:
     p = subparsers.add_parser(
-        "convert", help="convert a Hugging Face or Meta checkpoint to MLX format, optionally quantized",
+        "convert",
+        help="convert a Hugging Face or Meta checkpoint to MLX format, optionally quantized",
         description="Convert a Hugging Face (--hf-path) or original Meta/Mistral (--torch-path) "
-                    "checkpoint into an MLX checkpoint directory (--mlx-path).")
+        "checkpoint into an MLX checkpoint directory (--mlx-path).",
+    )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--torch-path", help="directory with params.json and consolidated.*.pth")
     source.add_argument("--hf-path", help="directory with config.json and *.safetensors")
@@ -151,22 +170,38 @@ def add_convert_command(subparsers) -> None:
     p.add_argument("-q", "--quantize", action="store_true", help="quantize the weights")
     p.add_argument("--q-group-size", type=int, default=64, help="quantization group size (default 64)")
     p.add_argument("--q-bits", type=int, default=4, help="bits per quantized weight (default 4)")
-    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
-                   help="cast float weights to this dtype (default: keep the stored dtype)")
-    p.add_argument("--shard-size-mb", type=float, default=DEFAULT_SHARD_MB,
-                   help=f"largest safetensors file in MiB (default {DEFAULT_SHARD_MB})")
+    p.add_argument(
+        "--dtype",
+        choices=["float16", "bfloat16", "float32"],
+        default=None,
+        help="cast float weights to this dtype (default: keep the stored dtype)",
+    )
+    p.add_argument(
+        "--shard-size-mb",
+        type=float,
+        default=DEFAULT_SHARD_MB,
+        help=f"largest safetensors file in MiB (default {DEFAULT_SHARD_MB})",
+    )
     p.set_defaults(func=_convert_cli)
 
 
 def _convert_cli(args) -> int:
-    out = convert(torch_path=args.torch_path, hf_path=args.hf_path, mlx_path=args.mlx_path,
-                  quantize=args.quantize, q_group_size=args.q_group_size, q_bits=args.q_bits,
-                  dtype=args.dtype, shard_size_mb=args.shard_size_mb)
+    out = convert(
+        torch_path=args.torch_path,
+        hf_path=args.hf_path,
+        mlx_path=args.mlx_path,
+        quantize=args.quantize,
+        q_group_size=args.q_group_size,
+        q_bits=args.q_bits,
+        dtype=args.dtype,
+        shard_size_mb=args.shard_size_mb,
+    )
     print(f"saved {out}")
     return 0
 
 
 # ----------------------------------------------------------------------------- dataset
+
 
 def add_dataset_command(subparsers) -> None:
     p = subparsers.add_parser("dataset", help="build a Q/A dataset from installed packages' docstrings")
@@ -180,35 +215,69 @@ def add_dataset_command(subparsers) -> None:
 
 
 def _dataset(args) -> int:
-    counts = build_docstring_dataset(args.packages, args.out, args.seq_limit, args.test_fraction,
-                                     args.seed, args.workers)
-    print(f"wrote {args.out}: train {counts['train']}, valid {counts['valid']}, test {counts['test']} "
-          f"records from {counts['modules']} modules in {counts['seconds']:.2f} s; "
-          f"{counts['import_failures']} modules failed to import and were skipped"
-          + (f" ({', '.join(counts['failed_modules'])})" if counts["failed_modules"] else ""))
+    counts = build_docstring_dataset(
+        args.packages, args.out, args.seq_limit, args.test_fraction, args.seed, args.workers
+    )
+    print(
+        f"wrote {args.out}: train {counts['train']}, valid {counts['valid']}, test {counts['test']} "
+        f"records from {counts['modules']} modules in {counts['seconds']:.2f} s; "
+        f"{counts['import_failures']} modules failed to import and were skipped"
+        + (f" ({', '.join(counts['failed_modules'])})" if counts["failed_modules"] else "")
+    )
     return 0
 
 
 # ----------------------------------------------------------------------------- pretrain
 
+
 def add_pretrain_command(subparsers) -> None:
     d = PretrainConfig()
     p = subparsers.add_parser(
-        "pretrain", help="pretrain a small Llama from scratch on installed packages' documentation",
+        "pretrain",
+        help="pretrain a small Llama from scratch on installed packages' documentation",
         description="Build the documentation corpus, train a tokenizer and a small Llama from "
-                    "scratch, and save it (the course's base model was made with the defaults).")
+        "scratch, and save it (the course's base model was made with the defaults).",
+    )
     p.add_argument("--out", default="base-model", help="output directory (default: %(default)s)")
     p.add_argument("--corpus-dir", default=None, help="also write the corpus as train/valid jsonl here")
-    p.add_argument("--packages", nargs="+", default=list(d.packages),
-                   help="packages to read; 'stdlib' is the standard library (default: %(default)s)")
-    for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size", "seq_length",
-                 "iters", "batch_size", "warmup", "steps_per_eval", "val_batches", "seed", "max_documents"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name),
-                       help=f"(default: {getattr(d, name)})")
+    p.add_argument(
+        "--packages",
+        nargs="+",
+        default=list(d.packages),
+        help="packages to read; 'stdlib' is the standard library (default: %(default)s)",
+    )
+    for name in (
+        "dim",
+        "n_layers",
+        "n_heads",
+        "n_kv_heads",
+        "hidden_dim",
+        "vocab_size",
+        "seq_length",
+        "iters",
+        "batch_size",
+        "warmup",
+        "steps_per_eval",
+        "val_batches",
+        "seed",
+        "max_documents",
+    ):
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            type=int,
+            default=getattr(d, name),
+            help=f"(default: {getattr(d, name)})",
+        )
     for name in ("learning_rate", "min_learning_rate", "weight_decay", "grad_clip", "valid_fraction"):
-        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name),
-                       help=f"(default: {getattr(d, name)})")
-    p.add_argument("--init", choices=["mlx", "gpt2"], default=d.init, help="initialization (default: %(default)s)")
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            type=float,
+            default=getattr(d, name),
+            help=f"(default: {getattr(d, name)})",
+        )
+    p.add_argument(
+        "--init", choices=["mlx", "gpt2"], default=d.init, help="initialization (default: %(default)s)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar or report lines")
     p.set_defaults(func=_pretrain_cli)
 
@@ -221,23 +290,47 @@ def _pretrain_cli(args) -> int:
 
 # ----------------------------------------------------------------------------- quickstart
 
+
 def add_quickstart_command(subparsers) -> None:
     d = QuickstartConfig()
     p = subparsers.add_parser(
-        "quickstart", help="LoRA-fine-tune the course model on mlx's docstrings and show before/after",
+        "quickstart",
+        help="LoRA-fine-tune the course model on mlx's docstrings and show before/after",
         description="Build a Q/A dataset from installed docstrings, LoRA-fine-tune a model on it and "
-                    "print held-out loss, perplexity and answers before and after. Offline.")
+        "print held-out loss, perplexity and answers before and after. Offline.",
+    )
     p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded course model)")
-    p.add_argument("--data", default=None, help="dataset folder with train.jsonl and valid/test.jsonl "
-                                                "(default: build one from --packages)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="dataset folder with train.jsonl and valid/test.jsonl (default: build one from --packages)",
+    )
     p.add_argument("--out", default=d.out, help="output directory (default: %(default)s)")
-    p.add_argument("--packages", nargs="+", default=list(d.packages),
-                   help="packages whose docstrings make the dataset (default: %(default)s)")
-    for name, typ in (("iters", int), ("batch_size", int), ("learning_rate", float), ("rank", int),
-                      ("alpha", float), ("num_layers", int), ("max_seq_length", int), ("seed", int),
-                      ("max_samples", int), ("questions", int), ("answer_tokens", int)):
-        p.add_argument("--" + name.replace("_", "-"), type=typ, default=getattr(d, name),
-                       help=f"(default: {getattr(d, name)})")
+    p.add_argument(
+        "--packages",
+        nargs="+",
+        default=list(d.packages),
+        help="packages whose docstrings make the dataset (default: %(default)s)",
+    )
+    for name, typ in (
+        ("iters", int),
+        ("batch_size", int),
+        ("learning_rate", float),
+        ("rank", int),
+        ("alpha", float),
+        ("num_layers", int),
+        ("max_seq_length", int),
+        ("seed", int),
+        ("max_samples", int),
+        ("questions", int),
+        ("answer_tokens", int),
+    ):
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            type=typ,
+            default=getattr(d, name),
+            help=f"(default: {getattr(d, name)})",
+        )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_quickstart_cli)
 
@@ -249,13 +342,22 @@ def _quickstart_cli(args) -> int:
 
 # ----------------------------------------------------------------------------- the parser
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lora-course", description="LoRA and QLoRA fine-tuning with MLX, from the course."
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add_command in (add_info_command, add_train_command, add_fuse_command, add_convert_command,
-                        add_generate_command, add_dataset_command, add_pretrain_command, add_quickstart_command):
+    for add_command in (
+        add_info_command,
+        add_train_command,
+        add_fuse_command,
+        add_convert_command,
+        add_generate_command,
+        add_dataset_command,
+        add_pretrain_command,
+        add_quickstart_command,
+    ):
         add_command(subparsers)
     return parser
 

@@ -29,9 +29,16 @@ def _quantize(model: Model, group_size: int = 64, bits: int = 4) -> Model:
     return model
 
 
-def convert(torch_path=None, hf_path=None, mlx_path="mlx_model", quantize: bool = False,
-            q_group_size: int = 64, q_bits: int = 4, dtype: str | None = None,
-            shard_size_mb: float = DEFAULT_SHARD_MB) -> Path:
+def convert(
+    torch_path=None,
+    hf_path=None,
+    mlx_path="mlx_model",
+    quantize: bool = False,
+    q_group_size: int = 64,
+    q_bits: int = 4,
+    dtype: str | None = None,
+    shard_size_mb: float = DEFAULT_SHARD_MB,
+) -> Path:
     """Convert a Meta (``torch_path``) or HF (``hf_path``) checkpoint to MLX format at ``mlx_path``.
 
     ``dtype`` (``"float16"``, ``"bfloat16"``, ``"float32"``) casts the float weights;
@@ -46,11 +53,12 @@ def convert(torch_path=None, hf_path=None, mlx_path="mlx_model", quantize: bool 
     model, tokenizer = load(source, lazy=True)
     if dtype is not None:
         target = getattr(mx, dtype)
-        model.update(tree_map(lambda a: a.astype(target) if a.dtype in FLOATS else a,
-                              model.parameters()))
+        model.update(tree_map(lambda a: a.astype(target) if a.dtype in FLOATS else a, model.parameters()))
     if quantize:
         if quantized_modules(model):
-            raise CheckpointError(f"{source}: the checkpoint is already quantized; convert it "
-                                  "without -q, or start from an unquantized checkpoint")
+            raise CheckpointError(
+                f"{source}: the checkpoint is already quantized; convert it "
+                "without -q, or start from an unquantized checkpoint"
+            )
         _quantize(model, q_group_size, q_bits)
     return save(model, tokenizer, mlx_path, format="mlx", shard_size_mb=shard_size_mb)

@@ -46,7 +46,9 @@ class FineTuneConfig(TrainingArgs):
     q_bits: int = 4  # bits per quantized weight
     q_group_size: int = 64  # weights sharing one scale and bias
     dtype: str | None = None  # cast float weights first ("float32" is fastest on CPU); None: keep
-    resume_adapter_file: str | None = None  # adapter dir to start from; exact resume if it holds a training state
+    resume_adapter_file: str | None = (
+        None  # adapter dir to start from; exact resume if it holds a training state
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -95,7 +97,6 @@ def prepare_base(model: nn.Module, cfg: FineTuneConfig) -> nn.Module:
     if cfg.dtype is not None:
         model.set_dtype(getattr(mx, cfg.dtype))
     if cfg.quantize:
-
         quantize_model(model, group_size=cfg.q_group_size, bits=cfg.q_bits)
     return model
 
@@ -111,14 +112,19 @@ def prepare_model(model: nn.Module, cfg: FineTuneConfig) -> tuple[nn.Module, Pat
         if (folder / STATE_FILE).is_file():
             resume_from = folder
         else:  # adapters only: start from their weights, at step 0
-
             load_adapters(model, folder)
     if getattr(model, "lora_config", None) is None:
-
         mx.random.seed(cfg.seed)  # the LoRA init (lora_a) is part of the run: same seed, same run
         num_layers = min(16, len(model.layers)) if cfg.num_layers is None else cfg.num_layers
-        apply_lora(model, num_layers=num_layers, keys=cfg.keys, rank=cfg.rank, alpha=cfg.alpha,
-                   dropout=cfg.dropout, kind=cfg.fine_tune_type)
+        apply_lora(
+            model,
+            num_layers=num_layers,
+            keys=cfg.keys,
+            rank=cfg.rank,
+            alpha=cfg.alpha,
+            dropout=cfg.dropout,
+            kind=cfg.fine_tune_type,
+        )
     return model, resume_from
 
 
@@ -139,8 +145,18 @@ def load_data(data, tokenizer, cfg: FineTuneConfig):
     return DatasetSplits(data, None, None)
 
 
-def finetune(model=None, data=None, *, tokenizer=None, callbacks=None, teacher=None, resume: bool = False,
-             progress: bool = True, verbose: bool = True, **options) -> FineTuneResult:
+def finetune(
+    model=None,
+    data=None,
+    *,
+    tokenizer=None,
+    callbacks=None,
+    teacher=None,
+    resume: bool = False,
+    progress: bool = True,
+    verbose: bool = True,
+    **options,
+) -> FineTuneResult:
     """Fine-tune ``model`` on ``data``; ``options`` are ``FineTuneConfig`` fields.
 
     ``model``: a checkpoint path, None for the course's embedded base model, a
@@ -155,7 +171,16 @@ def finetune(model=None, data=None, *, tokenizer=None, callbacks=None, teacher=N
     if splits.train is None:
         raise ValueError("finetune: the data has no training split")
     resume = resume_from or resume
-    history = train(model, splits.train, splits.valid, cfg, callbacks=callbacks, teacher=teacher,
-                    resume=resume if isinstance(resume, bool) else str(resume),
-                    adapter_config=asdict(cfg), progress=progress, verbose=verbose)
+    history = train(
+        model,
+        splits.train,
+        splits.valid,
+        cfg,
+        callbacks=callbacks,
+        teacher=teacher,
+        resume=resume if isinstance(resume, bool) else str(resume),
+        adapter_config=asdict(cfg),
+        progress=progress,
+        verbose=verbose,
+    )
     return FineTuneResult(model, tokenizer, Path(cfg.adapter_path), history, cfg, splits)

@@ -13,8 +13,9 @@ from lora_course.checkpoint.load import load
 from lora_course.checkpoint.save import save
 
 
-def fuse_adapters(model_path, adapter_path, save_path, de_quantize: bool = False,
-                  export_hf: bool = False) -> Path:
+def fuse_adapters(
+    model_path, adapter_path, save_path, de_quantize: bool = False, export_hf: bool = False
+) -> Path:
     """Load a checkpoint and an adapter, merge them, and save a standalone model.
 
     ``export_hf`` writes a plain Hugging Face checkpoint (always de-quantized: HF

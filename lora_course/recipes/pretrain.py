@@ -100,13 +100,22 @@ class PretrainConfig:
     def __post_init__(self):
         if self.init not in ("mlx", "gpt2"):
             raise ValueError(f"pretrain: init={self.init!r}; choose 'mlx' or 'gpt2'")
-        for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size", "seq_length",
-                    "iters", "batch_size"):
+        for key in (
+            "dim",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "hidden_dim",
+            "vocab_size",
+            "seq_length",
+            "iters",
+            "batch_size",
+        ):
             if getattr(self, key) < 1:
                 raise ValueError(f"pretrain: {key}={getattr(self, key)} must be at least 1")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PretrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:
         """Build from a dict (e.g. a training log's "config"); unknown keys are ignored."""
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
@@ -116,10 +125,16 @@ class PretrainConfig:
 
     def model_args(self, vocab_size: int | None = None) -> ModelArgs:
         return ModelArgs(
-            dim=self.dim, n_layers=self.n_layers, hidden_dim=self.hidden_dim, n_heads=self.n_heads,
-            n_kv_heads=self.n_kv_heads, vocab_size=vocab_size or self.vocab_size,
-            rope_theta=self.rope_theta, tie_word_embeddings=True,
-            max_position_embeddings=self.seq_length, model_type="llama",
+            dim=self.dim,
+            n_layers=self.n_layers,
+            hidden_dim=self.hidden_dim,
+            n_heads=self.n_heads,
+            n_kv_heads=self.n_kv_heads,
+            vocab_size=vocab_size or self.vocab_size,
+            rope_theta=self.rope_theta,
+            tie_word_embeddings=True,
+            max_position_embeddings=self.seq_length,
+            model_type="llama",
         )
 
 
@@ -162,9 +177,13 @@ def count_params(model) -> int:
 # ----------------------------------------------------------------------------- the run
 
 
-def pretrain(config: PretrainConfig | None = None, out: str | os.PathLike = "base-model",
-             corpus_dir: str | os.PathLike | None = None, progress: bool = True,
-             verbose: bool = True) -> dict:
+def pretrain(
+    config: PretrainConfig | None = None,
+    out: str | os.PathLike = "base-model",
+    corpus_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    verbose: bool = True,
+) -> dict:
     """Build the corpus and tokenizer, train a model from scratch and save it to ``out``.
 
     ``out`` receives ``config.json``, ``model.safetensors`` (float32), ``tokenizer.model``,
@@ -186,8 +205,10 @@ def pretrain(config: PretrainConfig | None = None, out: str | os.PathLike = "bas
     if corpus_dir is not None:
         save_corpus(corpus, corpus_dir)
     timings["corpus_s"] = time.perf_counter() - t0
-    say(f"corpus: {len(corpus.train)} train / {len(corpus.valid)} valid documents, "
-        f"{sum(map(len, corpus.train)) / 1e6:.2f}M train characters ({timings['corpus_s']:.1f}s)")
+    say(
+        f"corpus: {len(corpus.train)} train / {len(corpus.valid)} valid documents, "
+        f"{sum(map(len, corpus.train)) / 1e6:.2f}M train characters ({timings['corpus_s']:.1f}s)"
+    )
 
     tic = time.perf_counter()
     tokenizer = train_tokenizer(corpus.train, cfg.vocab_size, None, max_sentence_length=1 << 16)
@@ -195,11 +216,14 @@ def pretrain(config: PretrainConfig | None = None, out: str | os.PathLike = "bas
     valid_set = pack(corpus.valid, tokenizer, cfg.seq_length)
     timings["tokenizer_s"] = time.perf_counter() - tic
     n_train_tokens = len(train_set) * cfg.seq_length
-    say(f"tokenizer: {tokenizer.vocab_size} pieces; {n_train_tokens / 1e6:.2f}M train tokens in "
-        f"{len(train_set)} windows, {len(valid_set)} valid windows ({timings['tokenizer_s']:.1f}s)")
+    say(
+        f"tokenizer: {tokenizer.vocab_size} pieces; {n_train_tokens / 1e6:.2f}M train tokens in "
+        f"{len(train_set)} windows, {len(valid_set)} valid windows ({timings['tokenizer_s']:.1f}s)"
+    )
     if len(valid_set) == 0:
-        raise ValueError("pretrain: the valid split is shorter than one window; "
-                         "raise valid_fraction or lower seq_length")
+        raise ValueError(
+            "pretrain: the valid split is shorter than one window; raise valid_fraction or lower seq_length"
+        )
 
     mx.random.seed(cfg.seed)
     model = Model(cfg.model_args(tokenizer.vocab_size))  # MLX's init: U(+-1/sqrt(fan_in)), N(0, 1/dim)
@@ -211,12 +235,22 @@ def pretrain(config: PretrainConfig | None = None, out: str | os.PathLike = "bas
 
     work = Path(tempfile.mkdtemp(prefix=".pretrain-", dir=out.parent if out.parent.exists() else None))
     args = TrainingArgs(
-        iters=cfg.iters, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
-        lr_schedule="cosine", warmup=min(cfg.warmup, cfg.iters), min_learning_rate=cfg.min_learning_rate,
-        optimizer="adamw", weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
-        max_seq_length=cfg.seq_length + 1, steps_per_report=max(1, min(50, cfg.iters)),
-        steps_per_eval=cfg.steps_per_eval, val_batches=cfg.val_batches, save_every=0,
-        adapter_path=str(work), seed=cfg.seed,
+        iters=cfg.iters,
+        batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        lr_schedule="cosine",
+        warmup=min(cfg.warmup, cfg.iters),
+        min_learning_rate=cfg.min_learning_rate,
+        optimizer="adamw",
+        weight_decay=cfg.weight_decay,
+        grad_clip=cfg.grad_clip,
+        max_seq_length=cfg.seq_length + 1,
+        steps_per_report=max(1, min(50, cfg.iters)),
+        steps_per_eval=cfg.steps_per_eval,
+        val_batches=cfg.val_batches,
+        save_every=0,
+        adapter_path=str(work),
+        seed=cfg.seed,
     )
     tic = time.perf_counter()
     try:
@@ -226,10 +260,15 @@ def pretrain(config: PretrainConfig | None = None, out: str | os.PathLike = "bas
     timings["train_s"] = time.perf_counter() - tic
 
     val_loss, val_ppl = evaluate(model, valid_set, cfg.batch_size, -1, cfg.seq_length + 1)
-    say(f"held-out: loss {val_loss:.4f}, perplexity {val_ppl:.2f} over {len(valid_set) * cfg.seq_length} tokens")
+    say(
+        f"held-out: loss {val_loss:.4f}, perplexity {val_ppl:.2f} "
+        f"over {len(valid_set) * cfg.seq_length} tokens"
+    )
 
-    samples = [{"prompt": p, "completion": generate(model, tokenizer, p, max_tokens=60, temp=0.0)}
-               for p in SAMPLE_PROMPTS]
+    samples = [
+        {"prompt": p, "completion": generate(model, tokenizer, p, max_tokens=60, temp=0.0)}
+        for p in SAMPLE_PROMPTS
+    ]
     for s in samples:
         say(f"--- {s['prompt']!r}\n{s['prompt']}{s['completion']}")
     timings["total_s"] = time.perf_counter() - t0
@@ -263,12 +302,16 @@ def pretrain(config: PretrainConfig | None = None, out: str | os.PathLike = "bas
 
 def _check_out(out: Path) -> None:
     if out.exists() and any(out.iterdir()):
-
-        stray = [p.name for p in out.iterdir()
-                 if p.is_dir() or not (CHECKPOINT_FILES.match(p.name) or p.name in (LOG_FILE, CURVE_FILE))]
+        stray = [
+            p.name
+            for p in out.iterdir()
+            if p.is_dir() or not (CHECKPOINT_FILES.match(p.name) or p.name in (LOG_FILE, CURVE_FILE))
+        ]
         if stray:
-            raise ValueError(f"pretrain: {out} holds '{stray[0]}', which pretrain did not write; "
-                             "choose a new or empty --out directory")
+            raise ValueError(
+                f"pretrain: {out} holds '{stray[0]}', which pretrain did not write; "
+                "choose a new or empty --out directory"
+            )
 
 
 def _versions() -> dict:
@@ -291,8 +334,11 @@ def plot_curve(log: dict, path, ax=None):
     plot_train_loss(ax, log["train_loss"], points=40)
     ev = log["evals"]
     ax.plot([e["step"] for e in ev], [e["val_loss"] for e in ev], "o-", color="tab:orange", label="held-out")
-    finish_axes(ax, f"pretraining: {log['parameters'] / 1e6:.1f}M parameters, "
-                    f"final held-out perplexity {log['final_val_perplexity']:.1f}")
+    finish_axes(
+        ax,
+        f"pretraining: {log['parameters'] / 1e6:.1f}M parameters, "
+        f"final held-out perplexity {log['final_val_perplexity']:.1f}",
+    )
     if fig is not None and path is not None:
         save_png(fig, path)
     return ax

@@ -53,7 +53,9 @@ class QuickstartConfig:
     packages: tuple[str, ...] = ("mlx",)  # whose docstrings make the dataset when --data is not given
     iters: int = 150  # optimizer steps (about 2 minutes on 2 CPU cores)
     batch_size: int = 8  # samples per step
-    learning_rate: float = 1e-3  # peak LoRA learning rate (cosine decay after a short warmup; 2e-3 is unstable)
+    learning_rate: float = (
+        1e-3  # peak LoRA learning rate (cosine decay after a short warmup; 2e-3 is unstable)
+    )
     rank: int = 16  # LoRA rank r
     alpha: float = 32.0  # LoRA alpha; the update is scaled by alpha / r
     num_layers: int = -1  # adapt the last N blocks; -1: all of them
@@ -64,7 +66,7 @@ class QuickstartConfig:
     answer_tokens: int = 32  # greedy tokens per answer
 
     @classmethod
-    def from_dict(cls, d: dict) -> "QuickstartConfig":
+    def from_dict(cls, d: dict) -> QuickstartConfig:
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
         if kw.get("packages") is not None:
@@ -119,13 +121,17 @@ def quickstart(config: QuickstartConfig | None = None, progress: bool = True, ve
     if cfg.data is None:
         data_dir = out / "data"
         counts = build_docstring_dataset(list(cfg.packages), data_dir, seed=cfg.seed)
-        say(f"data: {counts['train']} train / {counts['valid']} valid / {counts['test']} test Q/A records "
-            f"from the docstrings of {', '.join(cfg.packages)} -> {data_dir}/")
+        say(
+            f"data: {counts['train']} train / {counts['valid']} valid / {counts['test']} test Q/A records "
+            f"from the docstrings of {', '.join(cfg.packages)} -> {data_dir}/"
+        )
     else:
         data_dir = Path(cfg.data)
         if not data_dir.is_dir():
-            raise FileNotFoundError(f"--data {data_dir}: not a folder; give a folder with train.jsonl "
-                                    "and valid.jsonl or test.jsonl")
+            raise FileNotFoundError(
+                f"--data {data_dir}: not a folder; give a folder with train.jsonl "
+                "and valid.jsonl or test.jsonl"
+            )
 
     # 2. model and the "before" numbers
     model, tokenizer = load(cfg.model)
@@ -152,12 +158,28 @@ def quickstart(config: QuickstartConfig | None = None, progress: bool = True, ve
     # 3. LoRA fine-tuning
     tic = time.perf_counter()
     result = finetune(
-        model=model, tokenizer=tokenizer, data=(train_set, None), adapter_path=str(out / "adapters"),
-        fine_tune_type="lora", rank=cfg.rank, alpha=cfg.alpha, num_layers=cfg.num_layers,
-        iters=cfg.iters, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
-        lr_schedule="cosine", warmup=min(10, cfg.iters), optimizer="adam", grad_clip=1.0,
-        max_seq_length=cfg.max_seq_length, steps_per_report=max(1, cfg.iters // 4),
-        steps_per_eval=0, save_every=0, seed=cfg.seed, progress=progress, verbose=False,
+        model=model,
+        tokenizer=tokenizer,
+        data=(train_set, None),
+        adapter_path=str(out / "adapters"),
+        fine_tune_type="lora",
+        rank=cfg.rank,
+        alpha=cfg.alpha,
+        num_layers=cfg.num_layers,
+        iters=cfg.iters,
+        batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        lr_schedule="cosine",
+        warmup=min(10, cfg.iters),
+        optimizer="adam",
+        grad_clip=1.0,
+        max_seq_length=cfg.max_seq_length,
+        steps_per_report=max(1, cfg.iters // 4),
+        steps_per_eval=0,
+        save_every=0,
+        seed=cfg.seed,
+        progress=progress,
+        verbose=False,
     )
     train_s = time.perf_counter() - tic
     model = result.model
@@ -176,8 +198,10 @@ def quickstart(config: QuickstartConfig | None = None, progress: bool = True, ve
         "before": {"loss": before_loss, "perplexity": before_ppl},
         "after": {"loss": after_loss, "perplexity": after_ppl},
         "loss_reduction": 1.0 - after_loss / before_loss,
-        "questions": [{"question": q, "reference": ref, "before": b, "after": a}
-                      for (q, ref), b, a in zip(questions, before_answers, after_answers)],
+        "questions": [
+            {"question": q, "reference": ref, "before": b, "after": a}
+            for (q, ref), b, a in zip(questions, before_answers, after_answers)
+        ],
         "train_loss": [round(x, 4) for x in losses],
         "adapter_path": str(result.adapter_path),
         "train_seconds": round(train_s, 1),
@@ -210,12 +234,14 @@ def report(results: dict) -> str:
         right = textwrap.wrap(_flat(qa["after"]) or "(nothing)", width)[:4]
         lines.append(f"  {'before':<{width}} | after")
         for i in range(max(len(left), len(right))):
-            l = left[i] if i < len(left) else ""
-            r = right[i] if i < len(right) else ""
-            lines.append(f"  {l:<{width}} | {r}")
+            before = left[i] if i < len(left) else ""
+            after = right[i] if i < len(right) else ""
+            lines.append(f"  {before:<{width}} | {after}")
         lines.append("")
-    lines.append(f"adapters: {results['adapter_path']}/   curve: {CURVE_FILE}   "
-                 f"time: {results['total_seconds']:.0f}s (training {results['train_seconds']:.0f}s)")
+    lines.append(
+        f"adapters: {results['adapter_path']}/   curve: {CURVE_FILE}   "
+        f"time: {results['total_seconds']:.0f}s (training {results['train_seconds']:.0f}s)"
+    )
     return "\n".join(lines)
 
 
@@ -230,8 +256,14 @@ def plot_losses(results: dict, path=None, ax=None):
         fig, ax = new_figure()
     plot_train_loss(ax, results["train_loss"], points=20, alpha=0.3)
     ax.plot([0], [results["before"]["loss"]], "o", color="tab:red", ms=8, label="held-out loss before")
-    ax.plot([len(results["train_loss"])], [results["after"]["loss"]], "o", color="tab:green", ms=8,
-            label="held-out loss after")
+    ax.plot(
+        [len(results["train_loss"])],
+        [results["after"]["loss"]],
+        "o",
+        color="tab:green",
+        ms=8,
+        label="held-out loss after",
+    )
     finish_axes(ax, f"LoRA fine-tuning: held-out loss {results['loss_reduction']:.0%} lower")
     if fig is not None and path is not None:
         save_png(fig, path)

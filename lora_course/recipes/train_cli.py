@@ -46,8 +46,12 @@ FLAGS = [
     ("--model", "model", "checkpoint directory (config.json, weights, tokenizer.model)"),
     ("--train", "train", "train the adapters"),
     ("--data", "data", "dataset folder with train.jsonl, valid.jsonl, test.jsonl (or one file)"),
-    ("--lora-layers", "num_layers", "number of final blocks to adapt (-1: all; default: 16, or all blocks "
-     "of a smaller model); alias --num-layers"),
+    (
+        "--lora-layers",
+        "num_layers",
+        "number of final blocks to adapt (-1: all; default: 16, or all blocks "
+        "of a smaller model); alias --num-layers",
+    ),
     ("--batch-size", "batch_size", "examples per micro-batch (over all processes)"),
     ("--iters", "iters", "optimizer steps"),
     ("--epochs", "epochs", "passes over the training set (overrides --iters)"),
@@ -55,8 +59,11 @@ FLAGS = [
     ("--learning-rate", "learning_rate", "peak learning rate"),
     ("--steps-per-report", "steps_per_report", "steps between training-loss reports"),
     ("--steps-per-eval", "steps_per_eval", "steps between validations (0: never)"),
-    ("--resume-adapter-file", "resume_adapter_file",
-     "adapter directory to start from; resumes exactly when it holds training_state.safetensors"),
+    (
+        "--resume-adapter-file",
+        "resume_adapter_file",
+        "adapter directory to start from; resumes exactly when it holds training_state.safetensors",
+    ),
     ("--adapter-path", "adapter_path", "where adapters and checkpoints are written"),
     ("--save-every", "save_every", "steps between checkpoints"),
     ("--test", "test", "evaluate on the test split and print loss and perplexity"),
@@ -85,8 +92,12 @@ FLAGS = [
 ]
 
 
-_CHOICES = {"fine_tune_type": ["lora", "dora", "full"], "optimizer": ["adam", "adamw", "sgd", "adafactor"],
-            "lr_schedule": ["constant", "linear", "cosine"], "dtype": ["float32", "float16", "bfloat16"]}
+_CHOICES = {
+    "fine_tune_type": ["lora", "dora", "full"],
+    "optimizer": ["adam", "adamw", "sgd", "adafactor"],
+    "lr_schedule": ["constant", "linear", "cosine"],
+    "dtype": ["float32", "float16", "bfloat16"],
+}
 _PATHS = {"model", "data", "adapter_path", "resume_adapter_file"}
 
 
@@ -94,9 +105,11 @@ def add_train_command(subparsers) -> None:
     defaults = TrainCommandConfig()
     kinds = {f.name: f.type for f in fields(TrainCommandConfig)}
     p = subparsers.add_parser(
-        "train", help="fine-tune with LoRA / DoRA / QLoRA and test",
+        "train",
+        help="fine-tune with LoRA / DoRA / QLoRA and test",
         description="Fine-tune a model with LoRA, DoRA or full fine-tuning (QLoRA with --quantize), "
-                    "and/or report test loss and perplexity.")
+        "and/or report test loss and perplexity.",
+    )
     p.add_argument("-c", "--config", help="YAML file of options (keys are the long flag names with _)")
     for flag, name, text in FLAGS:
         names = [flag, "--num-layers"] if name == "num_layers" else [flag]
@@ -109,10 +122,22 @@ def add_train_command(subparsers) -> None:
         else:
             cast = int if kind.startswith("int") else float if kind.startswith("float") else str
             metavar = {int: "N", float: "X"}.get(cast, "PATH" if name in _PATHS else "NAME")
-            p.add_argument(*names, dest=name, type=cast, default=None, help=help_,
-                           choices=_CHOICES.get(name), metavar=None if name in _CHOICES else metavar)
-    p.add_argument("--no-compile", dest="compile", action="store_false", default=None,
-                   help="run the step without mx.compile (slower; for debugging)")
+            p.add_argument(
+                *names,
+                dest=name,
+                type=cast,
+                default=None,
+                help=help_,
+                choices=_CHOICES.get(name),
+                metavar=None if name in _CHOICES else metavar,
+            )
+    p.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_false",
+        default=None,
+        help="run the step without mx.compile (slower; for debugging)",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=run_train_command)
 
@@ -201,12 +226,17 @@ def run_train_command(args: argparse.Namespace) -> int:
     if cfg.train:
         result = finetune((model, tokenizer), cfg.data, progress=getattr(args, "progress", True), **options)
         model, splits = result.model, result.data
-        say(f"adapters saved to {result.adapter_path}/ ({result.history.stop_reason} at step {result.history.step})")
+        say(
+            f"adapters saved to {result.adapter_path}/ "
+            f"({result.history.stop_reason} at step {result.history.step})"
+        )
     else:
         adapters = Path(cfg.adapter_path)
         if not (adapters / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"--test without --train needs trained adapters, but {adapters}/ has no "
-                                    "adapter_config.json; pass --adapter-path or add --train")
+            raise FileNotFoundError(
+                f"--test without --train needs trained adapters, but {adapters}/ has no "
+                "adapter_config.json; pass --adapter-path or add --train"
+            )
 
         prepare_base(model, cfg)
         load_adapters(model, adapters)  # the adapter layout comes from adapter_config.json

@@ -73,7 +73,7 @@ class Tokenizer:
         self.chat_template = chat_template or _read_chat_template(path.parent)
 
     @classmethod
-    def from_bytes(cls, model_proto: bytes, chat_template: str | None = None) -> "Tokenizer":
+    def from_bytes(cls, model_proto: bytes, chat_template: str | None = None) -> Tokenizer:
         """A tokenizer from the bytes of a ``tokenizer.model`` (nothing read from disk)."""
         self = cls.__new__(cls)
         self._load(model_proto, "<bytes>")
@@ -172,20 +172,22 @@ class Tokenizer:
             self._table = table
         return self._table
 
-    def detokenizer(self, at_start: bool = True) -> "StreamingDetokenizer":
+    def detokenizer(self, at_start: bool = True) -> StreamingDetokenizer:
         """A streaming decoder: feed ids one by one, get text as soon as it is complete."""
         return StreamingDetokenizer(self, at_start)
 
-    def encode_with_offsets(self, text: str, bos: bool = True, eos: bool = False,
-                            special: bool = False) -> tuple[list[int], np.ndarray, np.ndarray]:
+    def encode_with_offsets(
+        self, text: str, bos: bool = True, eos: bool = False, special: bool = False
+    ) -> tuple[list[int], np.ndarray, np.ndarray]:
         """``(ids, starts, ends)``: token j covers bytes ``starts[j]:ends[j]`` of
         ``text.encode()``; bos/eos cover nothing. With ``special=True`` the bos and eos
         pieces written in the text (``<s>``, ``</s>``, as chat templates do) become their ids.
         """
         return self.encode_batch_with_offsets([text], bos, eos, special)[0]
 
-    def encode_batch_with_offsets(self, texts: list[str], bos: bool = True, eos: bool = False,
-                                  special: bool = False) -> list[tuple[list[int], np.ndarray, np.ndarray]]:
+    def encode_batch_with_offsets(
+        self, texts: list[str], bos: bool = True, eos: bool = False, special: bool = False
+    ) -> list[tuple[list[int], np.ndarray, np.ndarray]]:
         """``encode_with_offsets`` for many texts, encoded in one threaded SentencePiece call."""
         specials = {self.id_to_piece(i): i for i in (self._bos, self._eos) if i is not None}
         split = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if special and specials else None
@@ -215,8 +217,13 @@ class Tokenizer:
                 starts.append(np.array([pos]))
                 ends.append(np.array([pos]))
             empty = np.zeros(0, np.int64)
-            out.append((ids, np.concatenate(starts or [empty]).astype(np.int64),
-                        np.concatenate(ends or [empty]).astype(np.int64)))
+            out.append(
+                (
+                    ids,
+                    np.concatenate(starts or [empty]).astype(np.int64),
+                    np.concatenate(ends or [empty]).astype(np.int64),
+                )
+            )
         return out
 
     def _offsets_batch(self, texts: list[str]) -> list[tuple[list[int], np.ndarray, np.ndarray]]:
@@ -238,8 +245,13 @@ class Tokenizer:
                 out.append((ids, ends - lengths, ends))
             else:  # normalizing models, unk pieces: ask SentencePiece for the spans
                 proto = self._sp.encode(text, return_type="proto")
-                out.append(([p.id for p in proto.pieces], np.array([p.begin for p in proto.pieces], np.int64),
-                            np.array([p.end for p in proto.pieces], np.int64)))
+                out.append(
+                    (
+                        [p.id for p in proto.pieces],
+                        np.array([p.begin for p in proto.pieces], np.int64),
+                        np.array([p.end for p in proto.pieces], np.int64),
+                    )
+                )
         return out
 
     # -- chat
@@ -266,8 +278,10 @@ class Tokenizer:
         env.globals["raise_exception"] = raise_exception
         piece = lambda i: self.id_to_piece(i) if i is not None else ""  # noqa: E731
         return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=piece(self.bos_id), eos_token=piece(self.eos_id),
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=piece(self.bos_id),
+            eos_token=piece(self.eos_id),
         )
 
     # -- disk
@@ -311,8 +325,7 @@ def _is_file_list(source) -> bool:
     if isinstance(source, (str, os.PathLike)):
         return True
     if isinstance(source, (list, tuple)) and source:
-        return all(isinstance(s, os.PathLike) or (isinstance(s, str) and os.path.isfile(s))
-                   for s in source)
+        return all(isinstance(s, os.PathLike) or (isinstance(s, str) and os.path.isfile(s)) for s in source)
     return False
 
 
@@ -320,19 +333,23 @@ def _is_file_list(source) -> bool:
 TRAIN_DEFAULTS = dict(
     model_type="bpe",
     normalization_rule_name="identity",  # no NFKC: keep every character as written
-    remove_extra_whitespaces=False,      # keep indentation and repeated spaces
-    byte_fallback=True,                  # unseen characters become UTF-8 byte pieces
-    split_digits=True,                   # numbers as single digits
-    allow_whitespace_only_pieces=True,   # "▁▁▁▁" for indentation
+    remove_extra_whitespaces=False,  # keep indentation and repeated spaces
+    byte_fallback=True,  # unseen characters become UTF-8 byte pieces
+    split_digits=True,  # numbers as single digits
+    allow_whitespace_only_pieces=True,  # "▁▁▁▁" for indentation
     character_coverage=1.0,
-    unk_id=0, bos_id=1, eos_id=2, pad_id=-1,  # Llama's layout
-    num_threads=1,                       # deterministic and polite on small machines
-    minloglevel=2,                       # quiet
+    unk_id=0,
+    bos_id=1,
+    eos_id=2,
+    pad_id=-1,  # Llama's layout
+    num_threads=1,  # deterministic and polite on small machines
+    minloglevel=2,  # quiet
 )
 
 
-def train_tokenizer(text_files_or_iterator, vocab_size: int, model_prefix: str | os.PathLike | None,
-                    **kw) -> Tokenizer:
+def train_tokenizer(
+    text_files_or_iterator, vocab_size: int, model_prefix: str | os.PathLike | None, **kw
+) -> Tokenizer:
     """Train a BPE SentencePiece model and return it as a ``Tokenizer``.
 
     ``text_files_or_iterator`` is a path, a list of paths (``Path`` objects or names of

@@ -7,8 +7,8 @@ Taught in notebooks 10 (the training loop) and 11 (scaling out).
 from lora_course.training.args import TrainingArgs
 from lora_course.training.evaluate import evaluate, loss
 from lora_course.training.losses import js_div_loss, kl_div_loss
-from lora_course.training.trainer import TrainingDivergedError, TrainingHistory, train
 from lora_course.training.plots import LivePlot, plot_history
+from lora_course.training.trainer import TrainingDivergedError, TrainingHistory, train
 
 __all__ = [
     "TrainingArgs",

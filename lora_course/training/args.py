@@ -52,8 +52,11 @@ class TrainingArgs:
         need(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be positive (or None)")
         need(self.lr_schedule in SCHEDULES, "lr_schedule", f"choose one of {', '.join(SCHEDULES)}")
         need(self.optimizer in OPTIMIZERS, "optimizer", f"choose one of {', '.join(OPTIMIZERS)}")
-        need(self.early_stopping_patience is None or self.early_stopping_patience >= 1,
-             "early_stopping_patience", "must be at least 1 (or None)")
+        need(
+            self.early_stopping_patience is None or self.early_stopping_patience >= 1,
+            "early_stopping_patience",
+            "must be at least 1 (or None)",
+        )
         need(self.seed >= 0, "seed", "must be 0 or more")
 
     @classmethod

@@ -60,8 +60,9 @@ def launcher() -> list[str]:
     found = shutil.which("mlx.launch")
     if found:
         return [found]
-    raise FileNotFoundError("mlx.launch not found next to this Python nor on PATH; "
-                            "install mlx (it ships the mlx.launch command)")
+    raise FileNotFoundError(
+        "mlx.launch not found next to this Python nor on PATH; install mlx (it ships the mlx.launch command)"
+    )
 
 
 def _free_ports(n: int) -> int:
@@ -87,8 +88,15 @@ def _free_ports(n: int) -> int:
     raise RuntimeError(f"could not find {n} consecutive free ports for the ring backend")
 
 
-def launch(script, *args: str, n: int = 2, backend: str = "ring", hostfile=None,
-           timeout: float | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+def launch(
+    script,
+    *args: str,
+    n: int = 2,
+    backend: str = "ring",
+    hostfile=None,
+    timeout: float | None = None,
+    env: dict | None = None,
+) -> subprocess.CompletedProcess:
     """Run ``python script args...`` as ``n`` processes on this machine (or on the machines
     of ``hostfile``) through ``mlx.launch``; returns the finished process with its output.
 

@@ -6,7 +6,7 @@ Taught in notebook 10 (the training loop).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -40,13 +40,19 @@ def check_token_ids(dataset, vocab_size: int, what: str) -> None:
         tokens = item[0] if isinstance(item, tuple) else item
         if len(tokens) and not (0 <= min(tokens) and max(tokens) < vocab_size):
             bad = next(int(t) for t in tokens if not 0 <= t < vocab_size)
-            raise ValueError(f"{getattr(dataset, 'path', None) or what}: sample {i} has token id {bad}, "
-                             f"outside the model's vocabulary (vocab_size={vocab_size}); was it "
-                             "tokenized with another model's tokenizer?")
+            raise ValueError(
+                f"{getattr(dataset, 'path', None) or what}: sample {i} has token id {bad}, "
+                f"outside the model's vocabulary (vocab_size={vocab_size}); was it "
+                "tokenized with another model's tokenizer?"
+            )
 
 
 def evaluate(
-    model: nn.Module, dataset, batch_size: int, num_batches: int = -1, max_seq_length: int = 2048,
+    model: nn.Module,
+    dataset,
+    batch_size: int,
+    num_batches: int = -1,
+    max_seq_length: int = 2048,
     loss_fn: Callable = loss,
 ) -> tuple[float, float]:
     """Token-weighted mean loss over ``num_batches`` batches (-1: all) -> (loss, perplexity).
@@ -62,8 +68,15 @@ def evaluate(
     was_training = model.training
     model.eval()
     total, ntoks = mx.array(0.0), mx.array(0.0)
-    batches = iterate_batches(dataset, batch_size, max_seq_length, shuffle=True, rank=world.rank(),
-                              world_size=world.size(), limit=None if num_batches < 0 else num_batches)
+    batches = iterate_batches(
+        dataset,
+        batch_size,
+        max_seq_length,
+        shuffle=True,
+        rank=world.rank(),
+        world_size=world.size(),
+        limit=None if num_batches < 0 else num_batches,
+    )
     for batch in batches:
         value, n = loss_fn(model, *batch)
         total, ntoks = total + value * n, ntoks + n

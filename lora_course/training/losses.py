@@ -19,7 +19,7 @@ NumPy. Taught in notebook 10.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -44,8 +44,11 @@ def _reduce(per_position: mx.array, mask: mx.array | None, reduction: str) -> mx
 
 
 def kl_div_loss(
-    student_logits: mx.array, teacher_logits: mx.array, temperature: float = 1.0,
-    mask: mx.array | None = None, reduction: str = "mean",
+    student_logits: mx.array,
+    teacher_logits: mx.array,
+    temperature: float = 1.0,
+    mask: mx.array | None = None,
+    reduction: str = "mean",
 ) -> mx.array:
     """T^2 * KL(teacher || student) per position; logits (..., V), mask (...) of 0/1.
 
@@ -58,8 +61,11 @@ def kl_div_loss(
 
 
 def js_div_loss(
-    student_logits: mx.array, teacher_logits: mx.array, temperature: float = 1.0,
-    mask: mx.array | None = None, reduction: str = "mean",
+    student_logits: mx.array,
+    teacher_logits: mx.array,
+    temperature: float = 1.0,
+    mask: mx.array | None = None,
+    reduction: str = "mean",
 ) -> mx.array:
     """T^2 * Jensen-Shannon divergence between teacher and student, per position."""
     log_q = _log_softmax(student_logits, temperature)  # (..., V)

@@ -33,8 +33,12 @@ def plot_train_loss(ax, losses, points: int = 40, alpha: float = 0.25) -> None:
     ax.plot(steps, losses, color="tab:blue", alpha=alpha, lw=0.8)
     k = max(1, len(losses) // points)
     if len(losses):
-        ax.plot(steps[k - 1 :], np.convolve(losses, np.ones(k) / k, mode="valid"), color="tab:blue",
-                label="train loss (moving average)")
+        ax.plot(
+            steps[k - 1 :],
+            np.convolve(losses, np.ones(k) / k, mode="valid"),
+            color="tab:blue",
+            label="train loss (moving average)",
+        )
 
 
 def finish_axes(ax, title: str, ylabel: str = "loss (nats / token)") -> None:
@@ -71,8 +75,9 @@ def plot_history(history, title: str = "training", ax=None):
         fig, ax = plt.subplots(figsize=(6.4, 3.6))
     steps = list(range(history.start_step + 1, history.start_step + 1 + len(history.losses)))
     evals = history.evals
-    _axes_with_losses(ax, steps, history.losses, [e["step"] for e in evals],
-                      [e["val_loss"] for e in evals], title)
+    _axes_with_losses(
+        ax, steps, history.losses, [e["step"] for e in evals], [e["val_loss"] for e in evals], title
+    )
     return ax.figure
 
 
@@ -100,8 +105,9 @@ class LivePlot:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=self.figsize)
-        _axes_with_losses(ax, self.train_steps, self.train_losses, self.val_steps, self.val_losses,
-                          self.title)
+        _axes_with_losses(
+            ax, self.train_steps, self.train_losses, self.val_steps, self.val_losses, self.title
+        )
         return fig
 
     def _refresh(self) -> None:

@@ -61,7 +61,8 @@ def check_writable(directory) -> Path:
     except OSError as e:
         raise CheckpointWriteError(
             f"adapter path {str(directory)!r} is not writable ({e.strerror or e}); "
-            "choose another --adapter-path or fix its permissions", e.errno
+            "choose another --adapter-path or fix its permissions",
+            e.errno,
         ) from e
     return directory
 
@@ -77,7 +78,8 @@ def describe_write_error(e: Exception, directory, step: int, last_good: int | No
     else:
         hint = "check the disk and the --adapter-path"
     kept = (
-        f"the previous checkpoint (step {last_good}) is intact" if last_good is not None
+        f"the previous checkpoint (step {last_good}) is intact"
+        if last_good is not None
         else "no earlier checkpoint existed"
     )
     return CheckpointWriteError(
@@ -113,11 +115,11 @@ def load_training_state(directory):
         meta = json.loads(metadata[_STATE_KEY])
     except (RuntimeError, ValueError, KeyError) as e:
         raise ValueError(f"{str(path)!r} is not a lora_course training state ({e})") from e
-    params = {k[len("params."):]: v for k, v in arrays.items() if k.startswith("params.")}
+    params = {k[len("params.") :]: v for k, v in arrays.items() if k.startswith("params.")}
     opt = tree_unflatten(
-        [(k[len("optimizer."):], v) for k, v in arrays.items() if k.startswith("optimizer.")]
+        [(k[len("optimizer.") :], v) for k, v in arrays.items() if k.startswith("optimizer.")]
     )
-    best = {k[len("best."):]: v for k, v in arrays.items() if k.startswith("best.")}
+    best = {k[len("best.") :]: v for k, v in arrays.items() if k.startswith("best.")}
     return params, opt, meta, best
 
 
@@ -147,7 +149,7 @@ def restore_training_state(model: nn.Module, optimizer, params: dict, opt_state:
 
 
 def _merge(dst, src) -> None:
-    for k, v in (src.items() if isinstance(src, dict) else enumerate(src)):
+    for k, v in src.items() if isinstance(src, dict) else enumerate(src):
         if isinstance(v, (dict, list)) and isinstance(dst[k], (dict, list)):
             _merge(dst[k], v)
         else:

@@ -15,7 +15,7 @@ Stern (2018). Notebook 10 plots every schedule.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.optimizers as optim
@@ -46,9 +46,7 @@ def build_schedule(
     return optim.join_schedules([ramp, main], [warmup])
 
 
-def build_optimizer(
-    name: str, learning_rate: float | Callable, weight_decay: float = 0.0
-) -> optim.Optimizer:
+def build_optimizer(name: str, learning_rate: float | Callable, weight_decay: float = 0.0) -> optim.Optimizer:
     """An ``mlx.optimizers`` optimizer by name; ``learning_rate`` may be a schedule."""
     if name == "adam":
         return optim.Adam(learning_rate=learning_rate)
@@ -59,7 +57,9 @@ def build_optimizer(
     if name == "adafactor":
         # Our schedule drives the step size, so Adafactor's own relative step is off.
         return optim.Adafactor(
-            learning_rate=learning_rate, relative_step=False, scale_parameter=False,
+            learning_rate=learning_rate,
+            relative_step=False,
+            scale_parameter=False,
             weight_decay=weight_decay,
         )
     raise ValueError(f"optimizer: unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")

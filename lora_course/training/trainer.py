@@ -23,9 +23,9 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -60,8 +60,19 @@ class TrainingHistory:
 
 
 # Settings that change the trajectory; resuming with a different value warns.
-_TRAJECTORY_KEYS = ("batch_size", "grad_accumulation_steps", "learning_rate", "lr_schedule", "warmup",
-                    "min_learning_rate", "optimizer", "weight_decay", "grad_clip", "max_seq_length", "seed")
+_TRAJECTORY_KEYS = (
+    "batch_size",
+    "grad_accumulation_steps",
+    "learning_rate",
+    "lr_schedule",
+    "warmup",
+    "min_learning_rate",
+    "optimizer",
+    "weight_decay",
+    "grad_clip",
+    "max_seq_length",
+    "seed",
+)
 
 
 def _micro_seed(seed: int, micro: int, rank: int) -> int:
@@ -74,8 +85,17 @@ def _batch_stream(dataset, args: TrainingArgs, micro: int, rank: int, world_size
     per_epoch = len(dataset) // args.batch_size
     epoch, start = divmod(micro, per_epoch)
     while True:
-        yield from iterate_batches(dataset, args.batch_size, args.max_seq_length, train=True, seed=args.seed,
-                                   epoch=epoch, start=start, rank=rank, world_size=world_size)
+        yield from iterate_batches(
+            dataset,
+            args.batch_size,
+            args.max_seq_length,
+            train=True,
+            seed=args.seed,
+            epoch=epoch,
+            start=start,
+            rank=rank,
+            world_size=world_size,
+        )
         epoch, start = epoch + 1, 0
 
 
@@ -87,10 +107,21 @@ def _call(callbacks, hook: str, info: dict) -> None:
 
 
 def train(
-    model: nn.Module, train_set, val_set=None, args: TrainingArgs | dict | None = None, *,
-    optimizer=None, loss_fn: Callable = loss, callbacks=None, teacher: nn.Module | None = None,
-    distill: str = "kl", temperature: float = 1.0, resume: bool | str = False,
-    adapter_config: dict | None = None, progress: bool = True, verbose: bool = True,
+    model: nn.Module,
+    train_set,
+    val_set=None,
+    args: TrainingArgs | dict | None = None,
+    *,
+    optimizer=None,
+    loss_fn: Callable = loss,
+    callbacks=None,
+    teacher: nn.Module | None = None,
+    distill: str = "kl",
+    temperature: float = 1.0,
+    resume: bool | str = False,
+    adapter_config: dict | None = None,
+    progress: bool = True,
+    verbose: bool = True,
 ) -> TrainingHistory:
     """Train ``model``'s trainable parameters on ``train_set``; see ``TrainingArgs`` for options.
 
@@ -107,23 +138,28 @@ def train(
     rank, size = world.rank(), world.size()
     main = rank == 0
     if teacher is not None:
-
         loss_fn = distillation_loss(teacher, kind=distill, temperature=temperature)
     if train_set is None or len(train_set) == 0:
         raise ValueError("train: the training set is empty")
     if getattr(getattr(model, "args", None), "vocab_size", None):
         check_token_ids(train_set, model.args.vocab_size, "train: the training set")
     if args.batch_size > len(train_set):
-        raise ValueError(f"batch_size={args.batch_size} is larger than the training set "
-                         f"({len(train_set)} examples); use a batch size of at most {len(train_set)}")
+        raise ValueError(
+            f"batch_size={args.batch_size} is larger than the training set "
+            f"({len(train_set)} examples); use a batch size of at most {len(train_set)}"
+        )
     if args.batch_size % size:
         raise ValueError(f"batch_size={args.batch_size} must be divisible by the {size} processes")
     per_epoch = len(train_set) // args.batch_size
-    iters = args.iters if args.epochs is None else max(args.epochs * per_epoch // args.grad_accumulation_steps, 1)
+    iters = (
+        args.iters if args.epochs is None else max(args.epochs * per_epoch // args.grad_accumulation_steps, 1)
+    )
     if not tree_flatten(model.trainable_parameters()):
         raise ValueError("train: the model has no trainable parameters; call apply_lora(model, ...) first")
     if optimizer is None:
-        schedule = build_schedule(args.lr_schedule, args.learning_rate, iters, args.warmup, args.min_learning_rate)
+        schedule = build_schedule(
+            args.lr_schedule, args.learning_rate, iters, args.warmup, args.min_learning_rate
+        )
         optimizer = build_optimizer(args.optimizer, schedule, args.weight_decay)
     optimizer.init(model.trainable_parameters())
 
@@ -142,11 +178,17 @@ def train(
         hist.best_val_loss, hist.best_step = meta["best_val_loss"], meta["best_step"]
         bad_evals, best_params = meta["evals_without_improvement"], best or None
         last_good = step if src.resolve() == out.resolve() else None  # else out/ gets one below
-        changed = [f"{k} {meta['args'].get(k)!r} -> {getattr(args, k)!r}" for k in _TRAJECTORY_KEYS
-                   if meta["args"].get(k) != getattr(args, k)]
+        changed = [
+            f"{k} {meta['args'].get(k)!r} -> {getattr(args, k)!r}"
+            for k in _TRAJECTORY_KEYS
+            if meta["args"].get(k) != getattr(args, k)
+        ]
         if changed and main:
-            warnings.warn(f"resuming {src} with changed settings ({'; '.join(changed)}): "
-                          "the run will not reproduce the original trajectory", stacklevel=2)
+            warnings.warn(
+                f"resuming {src} with changed settings ({'; '.join(changed)}): "
+                "the run will not reproduce the original trajectory",
+                stacklevel=2,
+            )
     hist.start_step = hist.step = step
 
     def say(line: str) -> None:
@@ -160,9 +202,16 @@ def train(
         arrays = ckpt.trainable_arrays(model)
         if not all(mx.all(mx.isfinite(a)).item() for a in arrays.values()):
             diverged(at_step, "a trainable parameter is NaN/inf")
-        meta = dict(step=at_step, micro_batches=micro, trained_tokens=trained_tokens,
-                    best_val_loss=hist.best_val_loss, best_step=hist.best_step,
-                    evals_without_improvement=bad_evals, world_size=size, args=asdict(args))
+        meta = dict(
+            step=at_step,
+            micro_batches=micro,
+            trained_tokens=trained_tokens,
+            best_val_loss=hist.best_val_loss,
+            best_step=hist.best_step,
+            evals_without_improvement=bad_evals,
+            world_size=size,
+            args=asdict(args),
+        )
         try:
             ckpt.save_training_state(out, model, optimizer, meta, best=best_params)
             ckpt.save_adapter_files(model, out, adapter_config)
@@ -178,8 +227,10 @@ def train(
             msg += f" The last good checkpoint (step {last_good}) in {out}/ is intact and was loaded back."
         else:
             msg += " No checkpoint had been written yet."
-        msg += (f" Lower the learning rate (now {args.learning_rate:g}), set grad_clip, "
-                f"or check the data near micro-batch {micro}.")
+        msg += (
+            f" Lower the learning rate (now {args.learning_rate:g}), set grad_clip, "
+            f"or check the data near micro-batch {micro}."
+        )
         hist.stop_reason = "diverged"
         err = TrainingDivergedError(msg)
         err.history = hist
@@ -189,7 +240,9 @@ def train(
         """Validate; returns True when early stopping should end the run."""
         nonlocal bad_evals, best_params
         tic = time.perf_counter()
-        val_loss, ppl = evaluate(model, val_set, args.batch_size, args.val_batches, args.max_seq_length, loss_fn)
+        val_loss, ppl = evaluate(
+            model, val_set, args.batch_size, args.val_batches, args.max_seq_length, loss_fn
+        )
         if hist.best_val_loss is None or val_loss < hist.best_val_loss:
             hist.best_val_loss, hist.best_step, bad_evals = val_loss, at_step, 0
             if args.early_stopping_patience is not None:
@@ -199,8 +252,14 @@ def train(
                     ckpt.save_adapter_files(model, out / "best", adapter_config)
         else:
             bad_evals += 1
-        info = dict(step=at_step, val_loss=val_loss, val_perplexity=ppl, val_time=time.perf_counter() - tic,
-                    best_val_loss=hist.best_val_loss, best_step=hist.best_step)
+        info = dict(
+            step=at_step,
+            val_loss=val_loss,
+            val_perplexity=ppl,
+            val_time=time.perf_counter() - tic,
+            best_val_loss=hist.best_val_loss,
+            best_step=hist.best_step,
+        )
         hist.evals.append(info)
         say(f"step {at_step}: val loss {val_loss:.4f}, val ppl {ppl:.2f} ({info['val_time']:.1f}s)")
         if main:
@@ -220,8 +279,11 @@ def train(
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=iters, initial=step, desc="train", unit="step", disable=not (progress and main)) \
-        if progress and main else None
+    bar = (
+        tqdm(total=iters, initial=step, desc="train", unit="step", disable=not (progress and main))
+        if progress and main
+        else None
+    )
     hist.stop_reason = "nothing to do" if step >= iters else "finished"
     window = dict(loss=0.0, toks=0.0, steps=0, time=0.0)
     try:
@@ -258,24 +320,39 @@ def train(
                 bar.update(1)
             if step % args.steps_per_report == 0 or step == iters:
                 secs = max(window["time"], 1e-9)
-                info = dict(step=step, epoch=micro / per_epoch, train_loss=window["loss"] / max(window["toks"], 1),
-                            learning_rate=optimizer.learning_rate.item(), iterations_per_second=window["steps"] / secs,
-                            tokens_per_second=window["toks"] / secs, trained_tokens=trained_tokens,
-                            peak_memory_gb=mx.get_peak_memory() / 1e9, grad_norm=gnorm_f)
+                info = dict(
+                    step=step,
+                    epoch=micro / per_epoch,
+                    train_loss=window["loss"] / max(window["toks"], 1),
+                    learning_rate=optimizer.learning_rate.item(),
+                    iterations_per_second=window["steps"] / secs,
+                    tokens_per_second=window["toks"] / secs,
+                    trained_tokens=trained_tokens,
+                    peak_memory_gb=mx.get_peak_memory() / 1e9,
+                    grad_norm=gnorm_f,
+                )
                 hist.reports.append(info)
                 if bar is not None:
                     bar.set_postfix(loss=f"{info['train_loss']:.3f}")
-                say(f"step {step}: train loss {info['train_loss']:.4f}, lr {info['learning_rate']:.2e}, "
+                say(
+                    f"step {step}: train loss {info['train_loss']:.4f}, lr {info['learning_rate']:.2e}, "
                     f"{info['iterations_per_second']:.2f} it/s, {info['tokens_per_second']:.0f} tok/s, "
-                    f"peak mem {info['peak_memory_gb']:.3f} GB")
+                    f"peak mem {info['peak_memory_gb']:.3f} GB"
+                )
                 if main:
                     _call(callbacks, "on_report", info)
                 window = dict(loss=0.0, toks=0.0, steps=0, time=0.0)
-            if val_set is not None and args.steps_per_eval and (step % args.steps_per_eval == 0 or step == iters):
+            if (
+                val_set is not None
+                and args.steps_per_eval
+                and (step % args.steps_per_eval == 0 or step == iters)
+            ):
                 if run_eval(step):
                     hist.stop_reason = "early stopping"
-                    say(f"early stopping at step {step}: no better val loss than "
-                        f"{hist.best_val_loss:.4f} (step {hist.best_step}) for {bad_evals} evals")
+                    say(
+                        f"early stopping at step {step}: no better val loss than "
+                        f"{hist.best_val_loss:.4f} (step {hist.best_step}) for {bad_evals} evals"
+                    )
                     break
             if args.save_every and step % args.save_every == 0:
                 save_checkpoint(step)
