@@ -22,7 +22,8 @@ from lora_course.adapters.apply import (
     print_trainable_parameters,
 )
 from lora_course.adapters.dora import DoRALinear
-from lora_course.adapters.files import AdapterError, convert_peft_adapter, load_adapters, save_adapters
+from lora_course.adapters.files import convert_peft_adapter, load_adapters, save_adapters
+from lora_course.adapters.format import AdapterError
 from lora_course.adapters.lora import LoRALinear
 from lora_course.checkpoint.files import CheckpointError
 from lora_course.checkpoint.load import load
@@ -46,7 +47,8 @@ from lora_course.tokenizer.spm import Tokenizer, train_tokenizer
 from lora_course.training.args import TrainingArgs
 from lora_course.training.evaluate import evaluate, loss
 from lora_course.training.losses import js_div_loss, kl_div_loss
-from lora_course.training.trainer import TrainingHistory, train
+from lora_course.training.run import TrainingHistory
+from lora_course.training.trainer import train
 from lora_course.tree import tree_flatten, tree_map, tree_unflatten
 from lora_course.version import __version__
 

@@ -9,7 +9,8 @@ import pytest
 
 import lora_course as lc
 from lora_course.adapters.apply import apply_lora
-from lora_course.adapters.files import AdapterError, convert_peft_adapter, load_adapters, save_adapters
+from lora_course.adapters.files import convert_peft_adapter, load_adapters, save_adapters
+from lora_course.adapters.format import AdapterError
 from lora_course.adapters.lora import LoRALinear
 from lora_course.tree import tree_flatten
 

@@ -50,7 +50,7 @@ from lora_course.config import ConfigError
 from lora_course.recipes.cli import main
 from lora_course.tokenizer.spm import Tokenizer, TokenizerError
 from lora_course.training.evaluate import loss
-from lora_course.training.trainer import TrainingDivergedError
+from lora_course.training.run import TrainingDivergedError
 
 VOCAB = 400  # byte fallback needs 256 byte pieces plus the characters
 WORDS = "the model layer token weight rank def return import self for in if else".split()

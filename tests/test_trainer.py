@@ -21,9 +21,10 @@ from lora_course.data.batching import iterate_batches
 from lora_course.training import resume as ckpt
 from lora_course.training.args import TrainingArgs
 from lora_course.training.evaluate import evaluate, loss
+from lora_course.training.run import TrainingDivergedError
 from lora_course.training.schedules import build_optimizer, build_schedule
 from lora_course.training.step import enable_grad_checkpoint, make_step
-from lora_course.training.trainer import TrainingDivergedError, train
+from lora_course.training.trainer import train
 from lora_course.tree import tree_flatten, tree_unflatten
 
 ARGS = ModelArgs(dim=32, n_layers=2, hidden_dim=64, n_heads=4, n_kv_heads=2, vocab_size=64)

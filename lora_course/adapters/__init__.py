@@ -13,7 +13,8 @@ from lora_course.adapters.apply import (
     print_trainable_parameters,
 )
 from lora_course.adapters.dora import DoRALinear
-from lora_course.adapters.files import AdapterError, convert_peft_adapter, load_adapters, save_adapters
+from lora_course.adapters.files import convert_peft_adapter, load_adapters, save_adapters
+from lora_course.adapters.format import AdapterError
 from lora_course.adapters.lora import LoRALinear, lora_scale
 
 __all__ = [

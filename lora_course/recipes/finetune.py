@@ -30,7 +30,8 @@ from lora_course.model.generate import generate
 from lora_course.quant.layers import quantize_model
 from lora_course.training.args import TrainingArgs
 from lora_course.training.resume import STATE_FILE
-from lora_course.training.trainer import TrainingHistory, train
+from lora_course.training.run import TrainingHistory
+from lora_course.training.trainer import train
 
 
 @dataclass

@@ -8,7 +8,8 @@ from lora_course.training.args import TrainingArgs
 from lora_course.training.evaluate import evaluate, loss
 from lora_course.training.losses import js_div_loss, kl_div_loss
 from lora_course.training.plots import LivePlot, plot_history
-from lora_course.training.trainer import TrainingDivergedError, TrainingHistory, train
+from lora_course.training.run import TrainingDivergedError, TrainingHistory
+from lora_course.training.trainer import train
 
 __all__ = [
     "TrainingArgs",

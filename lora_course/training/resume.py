@@ -25,7 +25,8 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from lora_course.adapters.files import ADAPTER_WEIGHTS, save_adapters
+from lora_course.adapters.files import save_adapters
+from lora_course.adapters.format import ADAPTER_WEIGHTS
 from lora_course.atomic import (
     remove_stale_temporaries,  # noqa: F401  (the trainer calls it from here)
     temp_path,

@@ -22,57 +22,22 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from tqdm.auto import tqdm
 
-from lora_course.adapters.files import AdapterError
 from lora_course.data.batching import iterate_batches
 from lora_course.training import resume as ckpt
 from lora_course.training.args import TrainingArgs
-from lora_course.training.evaluate import check_token_ids, evaluate, loss
+from lora_course.training.evaluate import loss
 from lora_course.training.losses import distillation_loss
+from lora_course.training.run import Run, TrainingHistory, count_iterations
 from lora_course.training.schedules import build_optimizer, build_schedule
 from lora_course.training.step import enable_grad_checkpoint, make_step
-from lora_course.tree import tree_flatten, tree_unflatten
-
-
-class TrainingDivergedError(ValueError):
-    """The loss or the gradient became NaN/inf; ``.history`` holds the run so far."""
-
-
-@dataclass
-class TrainingHistory:
-    losses: list[float] = field(default_factory=list)  # train loss of each step after start_step
-    reports: list[dict] = field(default_factory=list)  # what on_report received, in order
-    evals: list[dict] = field(default_factory=list)  # what on_eval received, in order
-    start_step: int = 0  # the step this run started from (> 0 after a resume)
-    step: int = 0  # the last step completed
-    stop_reason: str = ""  # "finished", "early stopping", "diverged" or "nothing to do"
-    best_val_loss: float | None = None  # lowest validation loss seen
-    best_step: int | None = None  # the step where it was seen
-    adapter_path: str = ""  # where checkpoints were written
-
-
-# Settings that change the trajectory; resuming with a different value warns.
-_TRAJECTORY_KEYS = (
-    "batch_size",
-    "grad_accumulation_steps",
-    "learning_rate",
-    "lr_schedule",
-    "warmup",
-    "min_learning_rate",
-    "optimizer",
-    "weight_decay",
-    "grad_clip",
-    "max_seq_length",
-    "seed",
-)
+from lora_course.tree import tree_unflatten
 
 
 def _micro_seed(seed: int, micro: int, rank: int) -> int:
@@ -97,13 +62,6 @@ def _batch_stream(dataset, args: TrainingArgs, micro: int, rank: int, world_size
             world_size=world_size,
         )
         epoch, start = epoch + 1, 0
-
-
-def _call(callbacks, hook: str, info: dict) -> None:
-    for cb in callbacks:
-        fn = getattr(cb, hook, None)
-        if fn is not None:
-            fn(info)
 
 
 def train(
@@ -133,29 +91,10 @@ def train(
     split across processes and only rank 0 writes files or prints.
     """
     args = args if isinstance(args, TrainingArgs) else TrainingArgs.from_dict(args or {})
-    callbacks = list(callbacks or [])
-    world = mx.distributed.init()
-    rank, size = world.rank(), world.size()
-    main = rank == 0
     if teacher is not None:
         loss_fn = distillation_loss(teacher, kind=distill, temperature=temperature)
-    if train_set is None or len(train_set) == 0:
-        raise ValueError("train: the training set is empty")
-    if getattr(getattr(model, "args", None), "vocab_size", None):
-        check_token_ids(train_set, model.args.vocab_size, "train: the training set")
-    if args.batch_size > len(train_set):
-        raise ValueError(
-            f"batch_size={args.batch_size} is larger than the training set "
-            f"({len(train_set)} examples); use a batch size of at most {len(train_set)}"
-        )
-    if args.batch_size % size:
-        raise ValueError(f"batch_size={args.batch_size} must be divisible by the {size} processes")
-    per_epoch = len(train_set) // args.batch_size
-    iters = (
-        args.iters if args.epochs is None else max(args.epochs * per_epoch // args.grad_accumulation_steps, 1)
-    )
-    if not tree_flatten(model.trainable_parameters()):
-        raise ValueError("train: the model has no trainable parameters; call apply_lora(model, ...) first")
+    size = mx.distributed.init().size()
+    iters, per_epoch = count_iterations(model, train_set, args, size)
     if optimizer is None:
         schedule = build_schedule(
             args.lr_schedule, args.learning_rate, iters, args.warmup, args.min_learning_rate
@@ -163,109 +102,14 @@ def train(
         optimizer = build_optimizer(args.optimizer, schedule, args.weight_decay)
     optimizer.init(model.trainable_parameters())
 
-    out = Path(args.adapter_path)
-    if main:
-        ckpt.check_writable(out)
-        ckpt.remove_stale_temporaries(out)
-    hist = TrainingHistory(adapter_path=str(out))
-    step = micro = trained_tokens = bad_evals = 0
-    best_params, last_good = None, None
+    run = Run(model, optimizer, args, val_set, loss_fn, list(callbacks or []), adapter_config, verbose)
+    if run.main:
+        ckpt.check_writable(run.out)
+        ckpt.remove_stale_temporaries(run.out)
     if resume:
-        src = out if resume is True else Path(resume)
-        params, opt_state, meta, best = ckpt.load_training_state(src)
-        ckpt.restore_training_state(model, optimizer, params, opt_state, src)
-        step, micro, trained_tokens = meta["step"], meta["micro_batches"], meta["trained_tokens"]
-        hist.best_val_loss, hist.best_step = meta["best_val_loss"], meta["best_step"]
-        bad_evals, best_params = meta["evals_without_improvement"], best or None
-        last_good = step if src.resolve() == out.resolve() else None  # else out/ gets one below
-        changed = [
-            f"{k} {meta['args'].get(k)!r} -> {getattr(args, k)!r}"
-            for k in _TRAJECTORY_KEYS
-            if meta["args"].get(k) != getattr(args, k)
-        ]
-        if changed and main:
-            warnings.warn(
-                f"resuming {src} with changed settings ({'; '.join(changed)}): "
-                "the run will not reproduce the original trajectory",
-                stacklevel=2,
-            )
-    hist.start_step = hist.step = step
-
-    def say(line: str) -> None:
-        if verbose and main:
-            (bar.write if bar is not None else print)(line)
-
-    def save_checkpoint(at_step: int) -> None:
-        nonlocal last_good
-        if not main:
-            return
-        arrays = ckpt.trainable_arrays(model)
-        if not all(mx.all(mx.isfinite(a)).item() for a in arrays.values()):
-            diverged(at_step, "a trainable parameter is NaN/inf")
-        meta = dict(
-            step=at_step,
-            micro_batches=micro,
-            trained_tokens=trained_tokens,
-            best_val_loss=hist.best_val_loss,
-            best_step=hist.best_step,
-            evals_without_improvement=bad_evals,
-            world_size=size,
-            args=asdict(args),
-        )
-        try:
-            ckpt.save_training_state(out, model, optimizer, meta, best=best_params)
-            ckpt.save_adapter_files(model, out, adapter_config)
-        except (OSError, AdapterError) as e:
-            raise ckpt.describe_write_error(e, out, at_step, last_good) from e
-        last_good = at_step
-
-    def diverged(at_step: int, what: str):
-        msg = f"training diverged at step {at_step}: {what}."
-        if last_good is not None and (out / ckpt.STATE_FILE).exists():
-            params, opt_state, _, _ = ckpt.load_training_state(out)
-            ckpt.restore_training_state(model, optimizer, params, opt_state, out)
-            msg += f" The last good checkpoint (step {last_good}) in {out}/ is intact and was loaded back."
-        else:
-            msg += " No checkpoint had been written yet."
-        msg += (
-            f" Lower the learning rate (now {args.learning_rate:g}), set grad_clip, "
-            f"or check the data near micro-batch {micro}."
-        )
-        hist.stop_reason = "diverged"
-        err = TrainingDivergedError(msg)
-        err.history = hist
-        raise err
-
-    def run_eval(at_step: int) -> bool:
-        """Validate; returns True when early stopping should end the run."""
-        nonlocal bad_evals, best_params
-        tic = time.perf_counter()
-        val_loss, ppl = evaluate(
-            model, val_set, args.batch_size, args.val_batches, args.max_seq_length, loss_fn
-        )
-        if hist.best_val_loss is None or val_loss < hist.best_val_loss:
-            hist.best_val_loss, hist.best_step, bad_evals = val_loss, at_step, 0
-            if args.early_stopping_patience is not None:
-                best_params = ckpt.trainable_arrays(model)  # arrays are immutable: no copy needed
-                if main:
-                    (out / "best").mkdir(exist_ok=True)
-                    ckpt.save_adapter_files(model, out / "best", adapter_config)
-        else:
-            bad_evals += 1
-        info = dict(
-            step=at_step,
-            val_loss=val_loss,
-            val_perplexity=ppl,
-            val_time=time.perf_counter() - tic,
-            best_val_loss=hist.best_val_loss,
-            best_step=hist.best_step,
-        )
-        hist.evals.append(info)
-        say(f"step {at_step}: val loss {val_loss:.4f}, val ppl {ppl:.2f} ({info['val_time']:.1f}s)")
-        if main:
-            _call(callbacks, "on_eval", info)
-        patience = args.early_stopping_patience
-        return patience is not None and bad_evals >= patience
+        run.resume(resume)
+    hist = run.hist
+    hist.start_step = hist.step = run.step
 
     model.train()
     undo_checkpointing = enable_grad_checkpoint(model) if args.grad_checkpoint else None
@@ -277,96 +121,66 @@ def train(
         accumulate = mx.compile(accumulate, inputs=inputs, outputs=state)
         update = mx.compile(update, inputs=inputs, outputs=state)
 
-    from tqdm.auto import tqdm
-
-    bar = (
-        tqdm(total=iters, initial=step, desc="train", unit="step", disable=not (progress and main))
-        if progress and main
-        else None
-    )
-    hist.stop_reason = "nothing to do" if step >= iters else "finished"
+    if progress and run.main:
+        run.bar = tqdm(total=iters, initial=run.step, desc="train", unit="step")
+    hist.stop_reason = "nothing to do" if run.step >= iters else "finished"
     window = dict(loss=0.0, toks=0.0, steps=0, time=0.0)
     try:
-        if last_good is None:  # from the first moment, adapter_path holds a complete checkpoint
-            save_checkpoint(step)
-        if step == 0 and val_set is not None and args.steps_per_eval:
-            run_eval(0)
-        batches = _batch_stream(train_set, args, micro, rank, size)
-        while step < iters:
+        if run.last_good is None:  # from the first moment, adapter_path holds a complete checkpoint
+            run.save_checkpoint()
+        if run.step == 0 and val_set is not None and args.steps_per_eval:
+            run.run_eval()
+        batches = _batch_stream(train_set, args, run.micro, run.rank, size)
+        while run.step < iters:
             tic = time.perf_counter()
             acc = None
             for k in range(args.grad_accumulation_steps):
                 batch = next(batches)
-                mx.random.seed(_micro_seed(args.seed, micro, rank))
-                micro += 1
+                mx.random.seed(_micro_seed(args.seed, run.micro, run.rank))
+                run.micro += 1
                 if k + 1 < args.grad_accumulation_steps:
                     acc = accumulate(*batch, acc)
                     mx.eval(acc)
                 else:
                     value, ntoks, gnorm = update(*batch, acc)
             mx.eval(state, value, ntoks, gnorm)
-            step += 1
+            run.step += 1
             loss_f, ntoks_f, gnorm_f = value.item(), ntoks.item(), gnorm.item()
             window["time"] += time.perf_counter() - tic
             if not (math.isfinite(loss_f) and math.isfinite(gnorm_f)):
-                diverged(step, f"the loss is {loss_f} and the gradient norm {gnorm_f}")
+                run.diverged(f"the loss is {loss_f} and the gradient norm {gnorm_f}")
             hist.losses.append(loss_f)
-            hist.step = step
-            trained_tokens += int(ntoks_f)
+            hist.step = run.step
+            run.trained_tokens += int(ntoks_f)
             window["loss"] += loss_f * ntoks_f
             window["toks"] += ntoks_f
             window["steps"] += 1
-            if bar is not None:
-                bar.update(1)
-            if step % args.steps_per_report == 0 or step == iters:
-                secs = max(window["time"], 1e-9)
-                info = dict(
-                    step=step,
-                    epoch=micro / per_epoch,
-                    train_loss=window["loss"] / max(window["toks"], 1),
-                    learning_rate=optimizer.learning_rate.item(),
-                    iterations_per_second=window["steps"] / secs,
-                    tokens_per_second=window["toks"] / secs,
-                    trained_tokens=trained_tokens,
-                    peak_memory_gb=mx.get_peak_memory() / 1e9,
-                    grad_norm=gnorm_f,
-                )
-                hist.reports.append(info)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{info['train_loss']:.3f}")
-                say(
-                    f"step {step}: train loss {info['train_loss']:.4f}, lr {info['learning_rate']:.2e}, "
-                    f"{info['iterations_per_second']:.2f} it/s, {info['tokens_per_second']:.0f} tok/s, "
-                    f"peak mem {info['peak_memory_gb']:.3f} GB"
-                )
-                if main:
-                    _call(callbacks, "on_report", info)
+            if run.bar is not None:
+                run.bar.update(1)
+            if run.step % args.steps_per_report == 0 or run.step == iters:
+                run.report(window, per_epoch, gnorm_f)
                 window = dict(loss=0.0, toks=0.0, steps=0, time=0.0)
-            if (
-                val_set is not None
-                and args.steps_per_eval
-                and (step % args.steps_per_eval == 0 or step == iters)
-            ):
-                if run_eval(step):
-                    hist.stop_reason = "early stopping"
-                    say(
-                        f"early stopping at step {step}: no better val loss than "
-                        f"{hist.best_val_loss:.4f} (step {hist.best_step}) for {bad_evals} evals"
-                    )
-                    break
-            if args.save_every and step % args.save_every == 0:
-                save_checkpoint(step)
+            evaluate_now = args.steps_per_eval and (run.step % args.steps_per_eval == 0 or run.step == iters)
+            if val_set is not None and evaluate_now and run.run_eval():
+                hist.stop_reason = "early stopping"
+                run.say(
+                    f"early stopping at step {run.step}: no better val loss than "
+                    f"{hist.best_val_loss:.4f} (step {hist.best_step}) for {run.bad_evals} evals"
+                )
+                break
+            if args.save_every and run.step % args.save_every == 0:
+                run.save_checkpoint()
     finally:
-        if bar is not None:
-            bar.close()
+        if run.bar is not None:
+            run.bar.close()
         if undo_checkpointing is not None:
             undo_checkpointing()
 
-    if last_good != step:
-        save_checkpoint(step)
-    if best_params is not None and hist.best_step != step:
+    if run.last_good != run.step:
+        run.save_checkpoint()
+    if run.best_params is not None and hist.best_step != run.step:
         # With early stopping the result is the best validated adapter, not the last one.
-        model.update(tree_unflatten(list(best_params.items())))
-        if main:
-            ckpt.save_adapter_files(model, out, adapter_config)
+        model.update(tree_unflatten(list(run.best_params.items())))
+        if run.main:
+            ckpt.save_adapter_files(model, run.out, adapter_config)
     return hist
