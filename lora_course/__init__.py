@@ -43,7 +43,8 @@ from lora_course.quant.quantize import QuantizationError, dequantize, quantize
 from lora_course.quant.size import ModelSize, model_size
 from lora_course.recipes.convert import convert
 from lora_course.recipes.finetune import FineTuneConfig, FineTuneResult, finetune
-from lora_course.tokenizer.spm import Tokenizer, train_tokenizer
+from lora_course.tokenizer.spm import Tokenizer
+from lora_course.tokenizer.train import train_tokenizer
 from lora_course.training.args import TrainingArgs
 from lora_course.training.evaluate import evaluate, loss
 from lora_course.training.losses import js_div_loss, kl_div_loss

@@ -19,7 +19,7 @@ from lora_course.model import generate as generate
 from lora_course.model.generate import DiffDetokenizer, detokenize, filter_logits, generate_tokens, sample
 from lora_course.recipes import convert as conversion
 from lora_course.recipes.cli import main
-from lora_course.tokenizer.spm import train_tokenizer
+from lora_course.tokenizer.train import train_tokenizer
 
 WORDS = "the model layer token weight rank def return import self for in if else".split()
 VOCAB = 400  # byte fallback needs 256 byte pieces plus the characters

@@ -22,7 +22,7 @@ from lora_course.checkpoint import meta as meta_format  # noqa: E402
 from lora_course.model.generate import generate_tokens  # noqa: E402
 from lora_course.recipes import convert as conversion
 from lora_course.recipes.cli import main  # noqa: E402
-from lora_course.tokenizer.spm import train_tokenizer  # noqa: E402
+from lora_course.tokenizer.train import train_tokenizer  # noqa: E402
 from lora_course.tree import tree_flatten  # noqa: E402
 
 pytestmark = pytest.mark.reference

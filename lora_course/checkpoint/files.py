@@ -24,7 +24,8 @@ INDEX = "model.safetensors.index.json"
 # What save() writes; it replaces an existing directory only if it holds nothing else.
 CHECKPOINT_FILES = re.compile(
     r"^(config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|"
-    r"tokenizer\.model|chat_template\.jinja)$"
+    r"tokenizer\.model|chat_template\.jinja|tokenizer\.json|tokenizer_config\.json|"
+    r"generation_config\.json)$"
 )
 
 

@@ -38,6 +38,8 @@ from lora_course.checkpoint.files import (
 from lora_course.checkpoint.meta import load_meta
 from lora_course.checkpoint.weights import build, load_weights, quantized_paths
 from lora_course.model.transformer import Model
+from lora_course.tokenizer.hf import HFTokenizer
+from lora_course.tokenizer.load import load_tokenizer
 from lora_course.tokenizer.spm import Tokenizer
 
 
@@ -59,17 +61,17 @@ def load(path=None, lazy: bool = True) -> tuple[Model, Tokenizer]:
         load_weights(model, sources, folder, lazy)
     if tokenizer.vocab_size > model.args.vocab_size:  # its ids would index past the embedding
         raise CheckpointError(
-            f"{folder / 'tokenizer.model'}: has {tokenizer.vocab_size} pieces but the "
+            f"{tokenizer.path}: has {tokenizer.vocab_size} pieces but the "
             f"model's vocab_size is {model.args.vocab_size}; this tokenizer belongs to "
             "another model"
         )
     return model, tokenizer
 
 
-def _load_tokenizer(folder: Path) -> Tokenizer:
-    if not (folder / "tokenizer.model").is_file():
+def _load_tokenizer(folder: Path) -> Tokenizer | HFTokenizer:
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
         raise CheckpointError(
-            f"{folder}: no tokenizer.model (a SentencePiece model); lora_course "
-            "needs the tokenizer.model that came with the checkpoint"
+            f"{folder}: no tokenizer.model or tokenizer.json; lora_course "
+            "needs the tokenizer files that came with the checkpoint"
         )
-    return Tokenizer(folder / "tokenizer.model")
+    return load_tokenizer(folder)

@@ -112,7 +112,9 @@ def save(
             config["rope_traditional"] = True
     config["torch_dtype"] = config["dtype"] = _dtype_name(weights)
     if tokenizer is not None:
-        config["bos_token_id"], config["eos_token_id"] = tokenizer.bos_id, tokenizer.eos_id
+        eos = list(tokenizer.eos_ids) or None  # Llama 3 declares several
+        config["bos_token_id"] = tokenizer.bos_id
+        config["eos_token_id"] = eos if eos is None or len(eos) > 1 else eos[0]
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -145,9 +145,17 @@ def prompt_ids(tokenizer, prompt) -> list[int]:
     return tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
 
 
-def until_eos(token_ids: Iterable[int], eos_id: int | None) -> Iterator[int]:
+def stop_ids(tokenizer) -> frozenset[int]:
+    """Ids that end a generation: every one in ``eos_ids`` (Llama 3 declares several)."""
+    ids = getattr(tokenizer, "eos_ids", None)
+    if ids is None:  # a tokenizer-like object with only eos_id
+        ids = () if tokenizer.eos_id is None else (tokenizer.eos_id,)
+    return frozenset(ids)
+
+
+def until_eos(token_ids: Iterable[int], stop: frozenset[int]) -> Iterator[int]:
     for t in token_ids:
-        if t == eos_id:
+        if t in stop:
             return
         yield t
 
@@ -164,12 +172,12 @@ def stream_generate(
 ) -> Iterator[str]:
     """Yield the continuation of ``prompt`` (text, or a list of ids) piece by piece.
 
-    Stops after ``max_tokens`` tokens or at the end-of-sequence token (not yielded).
+    Stops after ``max_tokens`` tokens or at any of ``tokenizer.eos_ids`` (not yielded).
     """
     ids = prompt_ids(tokenizer, prompt)
     tokens = generate_tokens(model, ids, max_tokens, temp, top_p, top_k, seed)
     at_start = tokenizer.decode(ids) == ""  # nothing before us: drop SentencePiece's dummy space
-    yield from detokenize(tokenizer, until_eos(tokens, tokenizer.eos_id), at_start)
+    yield from detokenize(tokenizer, until_eos(tokens, stop_ids(tokenizer)), at_start)
 
 
 def generate(

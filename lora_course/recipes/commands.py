@@ -19,6 +19,7 @@ from lora_course.model.generate import (
     detokenize,
     generate_tokens,
     prompt_ids,
+    stop_ids,
     until_eos,
 )
 from lora_course.recipes.convert import convert
@@ -66,7 +67,7 @@ def _generate_cli(args) -> int:
 
     tokens = generate_tokens(model, ids, args.num_tokens, args.temp, args.top_p, args.top_k, args.seed)
     buffer, last_flush = [], 0
-    for piece in detokenize(tokenizer, until_eos(counted(tokens), tokenizer.eos_id), at_start=False):
+    for piece in detokenize(tokenizer, until_eos(counted(tokens), stop_ids(tokenizer)), at_start=False):
         buffer.append(piece)
         if count - last_flush >= args.write_every:
             print("".join(buffer), end="", flush=True)

@@ -47,7 +47,7 @@ from lora_course.data.corpus import (
 from lora_course.model.args import ModelArgs
 from lora_course.model.generate import generate
 from lora_course.model.transformer import Model
-from lora_course.tokenizer.spm import train_tokenizer
+from lora_course.tokenizer.train import train_tokenizer
 from lora_course.training.args import TrainingArgs
 from lora_course.training.evaluate import evaluate
 from lora_course.training.plots import (

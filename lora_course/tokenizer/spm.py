@@ -12,8 +12,6 @@ Taught in notebook 04 (checkpoints, tokenizers and sampling); used in notebook 0
 from __future__ import annotations
 
 import codecs
-import io
-import json
 import os
 import re
 from pathlib import Path
@@ -22,30 +20,9 @@ import numpy as np
 import sentencepiece as spm
 
 from lora_course import atomic
+from lora_course.tokenizer.base import TokenizerError, read_chat_template, render_chat_template
 
 SPACE = "\u2581"  # "▁": how SentencePiece writes a space inside a piece
-
-
-class TokenizerError(ValueError):
-    """A tokenizer file that cannot be used; the message names the file."""
-
-
-def _read_chat_template(folder: Path) -> str | None:
-    """A chat template stored beside the model: chat_template.jinja or tokenizer_config.json."""
-    jinja = folder / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    config = folder / "tokenizer_config.json"
-    if config.is_file():
-        try:
-            template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
-        except (ValueError, AttributeError) as e:
-            raise TokenizerError(f"{config}: not a JSON object ({e})") from None
-        if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            template = named.get("default")
-        return template if isinstance(template, str) else None
-    return None
 
 
 class Tokenizer:
@@ -70,7 +47,7 @@ class Tokenizer:
             raise FileNotFoundError(f"{path}: tokenizer file not found")
         self._load(path.read_bytes(), str(path))
         self.path = path
-        self.chat_template = chat_template or _read_chat_template(path.parent)
+        self.chat_template = chat_template or read_chat_template(path.parent)
 
     @classmethod
     def from_bytes(cls, model_proto: bytes, chat_template: str | None = None) -> Tokenizer:
@@ -120,6 +97,11 @@ class Tokenizer:
     @property
     def eos_id(self) -> int | None:
         return self._eos
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """Every id that ends a generation; a SentencePiece model has one."""
+        return () if self._eos is None else (self._eos,)
 
     @property
     def pad_id(self) -> int:
@@ -266,18 +248,10 @@ class Tokenizer:
         if self.chat_template is None:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
             return text + ("assistant: " if add_generation_prompt else "")
-        try:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-        except ImportError:
-            raise ImportError("rendering a chat template needs jinja2: pip install jinja2") from None
-
-        def raise_exception(message):
-            raise TokenizerError(f"chat template: {message}")
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
         piece = lambda i: self.id_to_piece(i) if i is not None else ""  # noqa: E731
-        return env.from_string(self.chat_template).render(
+        return render_chat_template(
+            self.chat_template,
+            str(self.path or "<bytes>"),
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=piece(self.bos_id),
@@ -319,61 +293,3 @@ class StreamingDetokenizer:
 
     def finalize(self) -> str:
         return self._utf8.decode(b"", final=True)
-
-
-def _is_file_list(source) -> bool:
-    if isinstance(source, (str, os.PathLike)):
-        return True
-    if isinstance(source, (list, tuple)) and source:
-        return all(isinstance(s, os.PathLike) or (isinstance(s, str) and os.path.isfile(s)) for s in source)
-    return False
-
-
-# Settings for decode(encode(s)) == s on ordinary text (the reasons are in notebook 04).
-TRAIN_DEFAULTS = dict(
-    model_type="bpe",
-    normalization_rule_name="identity",  # no NFKC: keep every character as written
-    remove_extra_whitespaces=False,  # keep indentation and repeated spaces
-    byte_fallback=True,  # unseen characters become UTF-8 byte pieces
-    split_digits=True,  # numbers as single digits
-    allow_whitespace_only_pieces=True,  # "▁▁▁▁" for indentation
-    character_coverage=1.0,
-    unk_id=0,
-    bos_id=1,
-    eos_id=2,
-    pad_id=-1,  # Llama's layout
-    num_threads=1,  # deterministic and polite on small machines
-    minloglevel=2,  # quiet
-)
-
-
-def train_tokenizer(
-    text_files_or_iterator, vocab_size: int, model_prefix: str | os.PathLike | None, **kw
-) -> Tokenizer:
-    """Train a BPE SentencePiece model and return it as a ``Tokenizer``.
-
-    ``text_files_or_iterator`` is a path, a list of paths (``Path`` objects or names of
-    existing files), or any iterable of text strings (works offline, nothing is read from
-    disk). Writes ``{model_prefix}.model`` atomically unless ``model_prefix`` is None.
-    ``kw`` overrides ``TRAIN_DEFAULTS`` (any ``spm.SentencePieceTrainer`` option).
-    """
-    options = {**TRAIN_DEFAULTS, **kw, "vocab_size": vocab_size}
-    if _is_file_list(text_files_or_iterator):
-        files = text_files_or_iterator
-        files = [files] if isinstance(files, (str, os.PathLike)) else files
-        options["input"] = ",".join(os.fspath(f) for f in files)
-    else:
-        options["sentence_iterator"] = (str(s) for s in text_files_or_iterator)
-    buffer = io.BytesIO()
-    try:
-        spm.SentencePieceTrainer.train(model_writer=buffer, **options)
-    except RuntimeError as e:  # e.g. "Vocabulary size too high (500). Please set it to ..."
-        reason = re.sub(r"^.*?\] ", "", str(e).strip().splitlines()[-1])  # drop the C++ location
-        raise ValueError(f"train_tokenizer: {reason}") from None
-    tokenizer = Tokenizer.from_bytes(buffer.getvalue())
-    if model_prefix is not None:
-        path = Path(f"{os.fspath(model_prefix)}.model")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic.write_bytes(path, buffer.getvalue())
-        tokenizer.path = path
-    return tokenizer
