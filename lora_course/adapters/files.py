@@ -41,17 +41,23 @@ from lora_course.adapters.format import (
     read_safetensors,
     write_pair,
 )
-from lora_course.adapters.peft import read_peft
+from lora_course.adapters.peft import read_peft, save_peft, write_peft
 from lora_course.tree import tree_flatten
 
 
-def save_adapters(model: nn.Module, path, config=None) -> Path:
+def save_adapters(model: nn.Module, path, config=None, format: str = "mlx") -> Path:
     """Write the model's trainable tensors and adapter_config.json to directory ``path``.
 
     ``config`` (a dict, dataclass or argparse namespace, e.g. the training arguments)
     is stored in adapter_config.json too; the adapter's own fields come from
     ``model.lora_config`` and win over same-named entries of ``config``.
+    ``format="peft"`` writes Hugging Face PEFT's layout instead (``peft.py``);
+    ``config`` may then carry ``base_model_name_or_path``.
     """
+    if format == "peft":
+        return save_peft(model, path, as_dict(config or {}).get("base_model_name_or_path"))
+    if format != "mlx":
+        raise AdapterError(f"save_adapters: format must be 'mlx' or 'peft', got {format!r}")
     lora_config = getattr(model, "lora_config", None)
     if lora_config is None:
         raise AdapterError(
@@ -177,3 +183,9 @@ def convert_peft_adapter(peft_dir, out_dir) -> Path:
     out = Path(out_dir)
     write_pair(out, tensors, json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
     return out
+
+
+def export_peft(adapter_path, save_path, base_model: str | None = None) -> Path:
+    """Rewrite an adapter directory of ours (or mlx-lm's) in PEFT's format; no model needed."""
+    cfg, tensors, _ = read_adapter(adapter_path)
+    return write_peft(save_path, cfg, tensors, base_model)

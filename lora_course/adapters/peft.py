@@ -2,16 +2,21 @@
 
 PEFT (the Hugging Face library) stores ``lora_A`` as (r, in) and ``lora_B`` as (out, r),
 named by their place in the transformers model; ours are the transposes, named as in
-mlx-lm. This module reads PEFT's layout into ours. Taught in notebook 06.
+mlx-lm. This module reads PEFT's layout into ours and writes ours as PEFT's, so
+``peft.PeftModel.from_pretrained`` applies an adapter trained here. Taught in notebook 06.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 
+from lora_course import atomic
 from lora_course.adapters.apply import LoRAConfig
 from lora_course.adapters.format import (
     ADAPTER_CONFIG,
@@ -20,6 +25,7 @@ from lora_course.adapters.format import (
     AdapterError,
     read_safetensors,
 )
+from lora_course.tree import tree_flatten
 
 
 def read_peft(raw: dict[str, Any], path: Path) -> tuple[LoRAConfig, dict[str, mx.array], Path]:
@@ -96,3 +102,91 @@ def read_peft(raw: dict[str, Any], path: Path) -> tuple[LoRAConfig, dict[str, mx
         },
     )
     return cfg, ours, wfile
+
+
+OUR_TENSOR = re.compile(r"model\.layers\.(\d+)\.([A-Za-z0-9_.]+)\.(lora_a|lora_b|m)")
+
+
+def peft_tensors(tensors: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Our adapter tensors renamed and transposed to PEFT's layout."""
+    out = {}
+    for name, value in tensors.items():
+        m = OUR_TENSOR.fullmatch(name)
+        if m is None:
+            raise AdapterError(
+                f"save_adapters: tensor '{name}' is not a LoRA/DoRA tensor of a "
+                "transformer block; PEFT's format holds only those"
+            )
+        base = f"base_model.model.model.layers.{m.group(1)}.{m.group(2)}"
+        if m.group(3) == "lora_a":
+            out[f"{base}.lora_A.weight"] = value.T  # (in, r) -> (r, in)
+        elif m.group(3) == "lora_b":
+            out[f"{base}.lora_B.weight"] = value.T  # (r, out) -> (out, r)
+        else:
+            out[f"{base}.lora_magnitude_vector"] = value  # (out,)
+    return out
+
+
+def peft_config(cfg: LoRAConfig, layers: list[int], base_model: str | None = None) -> dict:
+    """PEFT's adapter_config.json for ``cfg`` applied to blocks ``layers``."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": cfg.rank,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "use_rslora": cfg.use_rslora,
+        "use_dora": cfg.fine_tune_type == "dora",
+        "target_modules": sorted(cfg.keys),  # e.g. "self_attn.q_proj": PEFT matches name suffixes
+        "layers_to_transform": layers,
+        "layers_pattern": "layers",
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+    }
+
+
+def _check_kind(cfg: LoRAConfig) -> None:
+    if cfg.fine_tune_type == "full":
+        raise AdapterError(
+            "save_adapters: full fine-tuning has no PEFT adapter form; save the "
+            "model with lora_course.save(..., format='hf') instead"
+        )
+
+
+def write_peft(path, cfg: LoRAConfig, tensors: dict[str, mx.array], base_model: str | None = None) -> Path:
+    """Write our adapter (``cfg`` + tensors named as in the model) as a PEFT directory."""
+    _check_kind(cfg)
+    layers = sorted({int(m.group(1)) for k in tensors if (m := OUR_TENSOR.fullmatch(k))})
+    weights = peft_tensors(tensors)
+    base_model = base_model or cfg.extra.get("base_model_name_or_path")
+    text = json.dumps(peft_config(cfg, layers, base_model), indent=2, sort_keys=True) + "\n"
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with atomic.FileSet() as files:
+            files.write(
+                path / PEFT_WEIGHTS, lambda f: mx.save_safetensors(f, weights, metadata={"format": "pt"})
+            )
+            files.write(path / ADAPTER_CONFIG, text)
+    except (OSError, RuntimeError) as e:
+        why = getattr(e, "strerror", None) or e
+        raise AdapterError(f"{path}: cannot write the PEFT adapter ({why})") from None
+    return path
+
+
+def save_peft(model: nn.Module, path, base_model: str | None = None) -> Path:
+    """The model's LoRA/DoRA adapters as a PEFT directory at ``path``."""
+    cfg = getattr(model, "lora_config", None)
+    if cfg is None:
+        raise AdapterError(
+            "save_adapters: the model has no adapters; call "
+            "lora_course.apply_lora(model, ...) or load_adapters first"
+        )
+    _check_kind(cfg)
+    tensors = {k: v for k, v in tree_flatten(model.parameters()) if OUR_TENSOR.fullmatch(k)}
+    if not tensors:
+        raise AdapterError("save_adapters: the model has no LoRA/DoRA tensors to save")
+    return write_peft(path, cfg, tensors, base_model)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from lora_course.checkpoint import hub
+
 BASE_DIR = Path(__file__).parent.parent / "assets" / "base"  # the course's embedded base model
 
 
@@ -44,6 +46,8 @@ def resolve(path=None) -> Path:
             )
         return BASE_DIR
     folder = Path(path).expanduser()
+    if not folder.exists() and hub.is_hub_id(path):  # a local path always wins (hub.py)
+        folder = hub.download(str(path))
     if not folder.exists():
         raise CheckpointError(f"{folder}: no such checkpoint directory")
     if not folder.is_dir():
@@ -116,3 +120,8 @@ def weight_files(folder: Path) -> list[Path]:
 
 def dtype_name(dtype: mx.Dtype) -> str:
     return str(dtype).split(".")[-1]  # mlx.core.bfloat16 -> bfloat16
+
+
+def is_gguf(path) -> bool:
+    """True for a path to one ``.gguf`` file (llama.cpp's single-file format)."""
+    return path is not None and str(path).endswith(".gguf") and Path(path).expanduser().is_file()

@@ -31,10 +31,12 @@ from lora_course.checkpoint.config import read_config
 from lora_course.checkpoint.files import (
     CheckpointError,
     detect_format,
+    is_gguf,
     mx_load,
     resolve,
     weight_files,
 )
+from lora_course.checkpoint.gguf_read import load_gguf
 from lora_course.checkpoint.meta import load_meta
 from lora_course.checkpoint.weights import build, load_weights, quantized_paths
 from lora_course.model.transformer import Model
@@ -50,6 +52,8 @@ def load(path=None, lazy: bool = True) -> tuple[Model, Tokenizer]:
     the tensors are read from disk on first use; ``lazy=False`` reads them now, one
     file at a time. Any problem raises one :class:`CheckpointError` naming the file.
     """
+    if is_gguf(path):  # one llama.cpp file, not a directory (gguf_read.py)
+        return load_gguf(path, lazy)
     folder = resolve(path)
     tokenizer = _load_tokenizer(folder)  # cheap, so a missing one is reported first
     if detect_format(folder) == "meta":

@@ -6,12 +6,10 @@ directory beside the target, which is then renamed into place.
 
 from __future__ import annotations
 
-import re
 import shutil
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from lora_course import atomic
 from lora_course.checkpoint.files import (
@@ -21,16 +19,12 @@ from lora_course.checkpoint.files import (
     CheckpointError,
     dtype_name,
 )
-from lora_course.checkpoint.meta import interleaved_to_halves
+from lora_course.checkpoint.gguf_write import save_gguf
+from lora_course.checkpoint.layouts import hf_weights, quantized_modules
 from lora_course.checkpoint.weights import FLOATS
 from lora_course.model.transformer import Model
-from lora_course.quant.quantize import dequantize
 from lora_course.tokenizer.spm import Tokenizer
 from lora_course.tree import tree_flatten
-
-
-def quantized_modules(model) -> dict[str, nn.Module]:
-    return {p: m for p, m in model.named_modules() if hasattr(m, "scales") and hasattr(m, "bits")}
 
 
 def _quantization_config(model) -> dict | None:
@@ -48,25 +42,6 @@ def _quantization_config(model) -> dict | None:
     return q
 
 
-def hf_weights(model: Model) -> dict[str, mx.array]:
-    """The model's tensors as a plain HF checkpoint: dequantized, RoPE in HF's layout."""
-    weights = dict(tree_flatten(model.parameters()))
-    for path, m in quantized_modules(model).items():
-        if getattr(m, "mode", "affine") != "affine":
-            raise CheckpointError(
-                f"layer '{path}': mode '{m.mode}' quantization cannot be "
-                "written in HF format; save with format='mlx'"
-            )
-        weights[f"{path}.weight"] = dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits)
-        del weights[f"{path}.scales"], weights[f"{path}.biases"]
-    if model.args.rope_traditional:
-        for name in list(weights):
-            if re.search(r"self_attn\.[qk]_proj\.(weight|bias)$", name):
-                heads = model.args.n_heads if ".q_proj." in name else model.args.n_kv_heads
-                weights[name] = interleaved_to_halves(weights[name], heads)
-    return weights
-
-
 def _dtype_name(weights: dict[str, mx.array]) -> str:
     return next((dtype_name(v.dtype) for v in weights.values() if v.dtype in FLOATS), "float32")
 
@@ -77,6 +52,7 @@ def save(
     path,
     format: str = "mlx",
     shard_size_mb: float = DEFAULT_SHARD_MB,
+    gguf_type: str = "f16",
 ) -> Path:
     """Write ``model`` (and ``tokenizer``) as a checkpoint directory at ``path``, atomically.
 
@@ -85,9 +61,14 @@ def save(
     ``transformers.AutoModelForCausalLM.from_pretrained`` loads. Weights above
     ``shard_size_mb`` are split into shards with an index. An existing directory is
     replaced only if it holds nothing but checkpoint files.
+
+    ``format="gguf"`` writes one llama.cpp ``.gguf`` file at ``path`` instead, its
+    tensors stored as ``gguf_type`` ("f16", "f32" or "q8_0"); see ``gguf_write.py``.
     """
+    if format == "gguf":
+        return save_gguf(model, tokenizer, path, gguf_type)
     if format not in ("mlx", "hf"):
-        raise CheckpointError(f"save: format must be 'mlx' or 'hf', got {format!r}")
+        raise CheckpointError(f"save: format must be 'mlx', 'hf' or 'gguf', got {format!r}")
     names = [k for k, _ in tree_flatten(model.parameters())]
     lora = next((k for k in names if ".lora_" in k), None)
     if lora:

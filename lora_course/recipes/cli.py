@@ -18,6 +18,7 @@ from lora_course import blas
 from lora_course.recipes.commands import (
     add_convert_command,
     add_dataset_command,
+    add_export_adapter_command,
     add_fuse_command,
     add_generate_command,
     add_pretrain_command,
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_info_command,
         add_train_command,
         add_fuse_command,
+        add_export_adapter_command,
         add_convert_command,
         add_generate_command,
         add_dataset_command,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 import time
 
-from lora_course.adapters.files import load_adapters
+from lora_course.adapters.files import export_peft, load_adapters
 from lora_course.checkpoint.files import DEFAULT_SHARD_MB
 from lora_course.checkpoint.load import load
 from lora_course.data.docstrings import build_docstring_dataset
@@ -91,7 +91,9 @@ def add_fuse_command(subparsers) -> None:
         description="Load --model, apply the adapters in --adapter-path, merge them into the "
         "weights and save the result to --save-path.",
     )
-    p.add_argument("--model", required=True, help="checkpoint directory (HF or MLX layout)")
+    p.add_argument(
+        "--model", required=True, help="checkpoint directory (HF, MLX or Meta layout), .gguf file or Hub id"
+    )
     p.add_argument(
         "--adapter-path",
         required=True,
@@ -106,11 +108,28 @@ def add_fuse_command(subparsers) -> None:
         action="store_true",
         help="write a plain Hugging Face checkpoint (implies --de-quantize)",
     )
+    p.add_argument(
+        "--export-gguf",
+        action="store_true",
+        help="write one llama.cpp .gguf file: --save-path if it ends in .gguf, else "
+        "SAVE_PATH/ggml-model-<type>.gguf (implies --de-quantize)",
+    )
+    p.add_argument(
+        "--gguf-type", choices=["f16", "f32", "q8_0"], default="f16", help="tensor type for --export-gguf"
+    )
     p.set_defaults(func=_fuse_cli)
 
 
 def _fuse_cli(args) -> int:
-    out = fuse_adapters(args.model, args.adapter_path, args.save_path, args.de_quantize, args.export_hf)
+    out = fuse_adapters(
+        args.model,
+        args.adapter_path,
+        args.save_path,
+        args.de_quantize,
+        args.export_hf,
+        args.export_gguf,
+        args.gguf_type,
+    )
     print(f"saved fused model to {out}")
     return 0
 
@@ -287,4 +306,32 @@ def add_quickstart_command(subparsers) -> None:
 
 def _quickstart_cli(args) -> int:
     quickstart(QuickstartConfig.from_dict(vars(args)), progress=not args.quiet)
+    return 0
+
+
+# ----------------------------------------------------------------------------- export-adapter
+
+
+def add_export_adapter_command(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export-adapter",
+        help="rewrite an adapter directory for Hugging Face PEFT",
+        description="Read --adapter-path (lora_course / mlx-lm adapters) and write a PEFT "
+        "LoRA/DoRA directory (adapter_config.json + adapter_model.safetensors) to "
+        "--save-path, for peft.PeftModel.from_pretrained(model, save_path).",
+    )
+    p.add_argument("--adapter-path", required=True, help="adapter directory to read")
+    p.add_argument("--save-path", required=True, help="output directory for the PEFT adapter")
+    p.add_argument("--format", choices=["peft"], default="peft", help="output format (peft)")
+    p.add_argument(
+        "--base-model",
+        default=None,
+        help="Hub id or path recorded as base_model_name_or_path in adapter_config.json",
+    )
+    p.set_defaults(func=_export_cli)
+
+
+def _export_cli(args) -> int:
+    out = export_peft(args.adapter_path, args.save_path, args.base_model)
+    print(f"saved PEFT adapter to {out}")
     return 0

@@ -43,7 +43,7 @@ class TrainCommandConfig(FineTuneConfig):
 
 # flag -> (field, help); types and defaults come from the dataclass
 FLAGS = [
-    ("--model", "model", "checkpoint directory (config.json, weights, tokenizer.model)"),
+    ("--model", "model", "checkpoint directory, .gguf file or Hub id org/name"),
     ("--train", "train", "train the adapters"),
     ("--data", "data", "dataset folder with train.jsonl, valid.jsonl, test.jsonl (or one file)"),
     (

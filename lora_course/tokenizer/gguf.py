@@ -22,6 +22,7 @@ from tokenizers import Tokenizer as RustTokenizer
 
 from lora_course.tokenizer.base import TokenizerError
 from lora_course.tokenizer.hf import HFTokenizer
+from lora_course.tokenizer.spm import Tokenizer
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 SPACE = "\u2581"  # SentencePiece's "▁"
@@ -177,8 +178,43 @@ def _sentencepiece(meta: dict, tokens: list, types: list, vocab: dict, unk: int 
     return tok
 
 
-def tokenizer_to_gguf(tok: HFTokenizer) -> dict:
+def spm_to_gguf(tok: Tokenizer) -> dict:
+    """A SentencePiece model as llama.cpp's "llama" vocabulary: pieces, scores and types."""
+    sp, n = tok.sp, tok.vocab_size
+    kinds = [
+        UNKNOWN
+        if sp.is_unknown(i)
+        else CONTROL
+        if sp.is_control(i)
+        else BYTE
+        if sp.is_byte(i)
+        else UNUSED
+        if sp.is_unused(i)
+        else NORMAL
+        for i in range(n)
+    ]
+    meta = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
+        "tokenizer.ggml.scores": mx.array([sp.get_score(i) for i in range(n)], dtype=mx.float32),
+        "tokenizer.ggml.token_type": mx.array(kinds, dtype=mx.int32),
+        # SentencePiece's dummy prefix: "a" encodes as "▁a" when the model adds one
+        "tokenizer.ggml.add_space_prefix": mx.array(sp.encode("a", out_type=str)[0].startswith(SPACE)),
+        "tokenizer.ggml.add_bos_token": mx.array(tok.bos_id is not None),
+        "tokenizer.ggml.add_eos_token": mx.array(False),
+    }
+    for key, i in (("bos", tok.bos_id), ("eos", tok.eos_id), ("unknown", sp.unk_id())):
+        if i is not None and i >= 0:
+            meta[f"tokenizer.ggml.{key}_token_id"] = mx.array(i, dtype=mx.uint32)
+    if tok.chat_template is not None:
+        meta["tokenizer.chat_template"] = tok.chat_template
+    return meta
+
+
+def tokenizer_to_gguf(tok: HFTokenizer | Tokenizer) -> dict:
     """GGUF metadata for ``tok``, in llama.cpp's keys, ready for ``mx.save_gguf``."""
+    if isinstance(tok, Tokenizer):
+        return spm_to_gguf(tok)
     spec = json.loads(tok.backend.to_str())
     model, pre = spec.get("model") or {}, json.dumps(spec.get("pre_tokenizer"))
     if model.get("type") != "BPE":
