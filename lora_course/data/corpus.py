@@ -1,8 +1,8 @@
 """The pretraining corpus: documentation text of installed packages, built offline.
 
 The course's base model (``lora_course/assets/base/``) learned English and the shape
-of API documentation from this corpus alone. It is the docstring walk of seed 001's
-dataset script, pointed at different packages and written as plain text instead of
+of API documentation from this corpus alone. It is the docstring walk of the MLX LoRA
+example's dataset script, pointed at different packages and written as plain text instead of
 Q/A pairs: every public module, class, function and method of Python's standard
 library and of numpy, matplotlib, PyYAML and tqdm (the runtime dependencies of this
 package, so every install can rebuild it), plus the language-reference topics that
@@ -30,11 +30,8 @@ Taught in notebook 12 ("pretraining the course's base model").
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import importlib
 import inspect
-import io
 import json
 import os
 import pkgutil
@@ -42,13 +39,13 @@ import re
 import subprocess
 import sys
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from lora_course import atomic
+from lora_course.data.walker import import_quietly, public
 
 # "stdlib" stands for every module in sys.stdlib_module_names.
 DEFAULT_PACKAGES = ("stdlib", "numpy", "matplotlib", "yaml", "tqdm")
@@ -120,27 +117,13 @@ def module_names(package: str, held_out=HELD_OUT) -> list[str]:
         if _skipped(top, held_out):
             continue
         names.append(top)
-        mod = _import(top)
+        mod = import_quietly(top)
         if mod is None or not hasattr(mod, "__path__"):
             continue
         for info in pkgutil.walk_packages(mod.__path__, top + ".", onerror=lambda _: None):
             if not _skipped(info.name, held_out):
                 names.append(info.name)
     return sorted(dict.fromkeys(names))
-
-
-def _import(name: str):
-    """Import quietly; None when it fails (missing extras, other platforms)."""
-    with (
-        warnings.catch_warnings(),
-        contextlib.redirect_stdout(io.StringIO()),
-        contextlib.redirect_stderr(io.StringIO()),
-    ):
-        warnings.simplefilter("ignore")
-        try:
-            return importlib.import_module(name)
-        except BaseException:  # noqa: BLE001  (SystemExit and friends from odd modules too)
-            return None
 
 
 class _Elided:
@@ -190,10 +173,6 @@ def _doc(obj) -> str:
     return inspect.cleandoc(doc) if doc else ""
 
 
-def _public(names) -> list[str]:
-    return sorted(n for n in names if isinstance(n, str) and not n.startswith("_"))
-
-
 def module_documents(mod) -> list[tuple[str, str]]:
     """(name, text) for the module and its public classes, functions and methods
     that are defined in it (things merely imported into it are documented at home)."""
@@ -201,7 +180,7 @@ def module_documents(mod) -> list[tuple[str, str]]:
     name = mod.__name__
     if _doc(mod):
         docs.append((name, f"{name}\n\n{_doc(mod)}"))
-    for attr in _public(getattr(mod, "__all__", None) or dir(mod)):
+    for attr in public(getattr(mod, "__all__", None) or dir(mod)):
         obj = getattr(mod, attr, None)
         if getattr(obj, "__module__", None) != name or inspect.ismodule(obj):
             continue
@@ -210,7 +189,7 @@ def module_documents(mod) -> list[tuple[str, str]]:
             if _doc(obj):
                 docs.append((qual, f"{qual}{_signature(obj)}\n\n{_doc(obj)}"))
         if inspect.isclass(obj):
-            for member in _public(vars(obj)):
+            for member in public(vars(obj)):
                 value = vars(obj)[member]
                 target = value.__func__ if isinstance(value, (classmethod, staticmethod)) else value
                 if not (callable(target) or isinstance(target, property)) or not _doc(target):
@@ -289,7 +268,7 @@ def walk(packages, held_out=HELD_OUT) -> tuple[list[tuple[str, str]], int, list[
     sources, failed, walked = [], [], 0
     for package in packages:
         for name in module_names(package, held_out):
-            mod = _import(name)
+            mod = import_quietly(name)
             if mod is None:
                 failed.append(name)
                 continue

@@ -1,6 +1,6 @@
 """A Q/A dataset made from the docstrings of installed packages.
 
-The idea comes from the MLX LoRA example's walkthrough (our seed 001): a library's
+The idea comes from the MLX LoRA example's walkthrough: a library's
 docstrings are free, well-written training data about that library. For every public
 class, function, method and property with a docstring we write one record,
 
@@ -17,93 +17,33 @@ skipped and counted; private modules (``_name``) are never imported.
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import json
 import multiprocessing
 import os
-import pkgutil
 import random
-import re
 import time
-import types
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from lora_course import atomic
+from lora_course.data.walker import clean_docstring, documented, is_public, walk_modules
 
 SPLITS = ("train", "valid", "test")
-
-
-def _public(name: str) -> bool:
-    return not name.startswith("_")
-
-
-def _walk(package: str, failures: list[str]) -> list[types.ModuleType]:
-    """The package and its public submodules, imported in sorted order."""
-    try:
-        root = importlib.import_module(package)
-    except (Exception, SystemExit) as e:  # the package itself is not optional: say so
-        raise ValueError(
-            f"cannot import package {package!r} ({type(e).__name__}: {e}); "
-            "is it installed in this environment?"
-        ) from None
-    modules, seen = [], set()
-
-    def visit(module: types.ModuleType) -> None:
-        if module.__name__ in seen:
-            return
-        seen.add(module.__name__)
-        modules.append(module)
-        children = {info.name for info in pkgutil.iter_modules(getattr(module, "__path__", []))}
-        # compiled extensions keep submodules as attributes (mlx.core.random)
-        children |= {
-            name
-            for name, value in vars(module).items()
-            if isinstance(value, types.ModuleType) and value.__name__ == f"{module.__name__}.{name}"
-        }
-        for child in sorted(filter(_public, children)):
-            full = f"{module.__name__}.{child}"
-            try:
-                sub = importlib.import_module(full)
-            except (Exception, SystemExit):  # a missing optional dependency, a broken module
-                failures.append(full)
-                continue
-            visit(sub)
-
-    visit(root)
-    return modules
-
-
-def _documented(obj) -> bool:
-    """Classes and functions (Python or compiled) defined somewhere we would name."""
-    return isinstance(obj, type) or (
-        callable(obj) and hasattr(obj, "__name__") and not isinstance(obj, types.ModuleType)
-    )
-
-
-def clean_docstring(doc) -> str:
-    """Dedent, strip trailing spaces, keep at most one blank line between paragraphs."""
-    if not isinstance(doc, str):
-        return ""
-    doc = inspect.cleandoc(doc)
-    doc = "\n".join(line.rstrip() for line in doc.splitlines())
-    return re.sub(r"\n{3,}", "\n\n", doc).strip()
 
 
 def _collect(package: str) -> tuple[list[tuple[str, str]], int, list[str]]:
     """(records as (path, text), modules imported, failed module names) for one package."""
     failures: list[str] = []
-    modules = _walk(package, failures)
+    modules = walk_modules(package, failures)
     top = package.split(".")[0]
     names: dict[int, list[tuple[str, str]]] = {}  # id(obj) -> [(module, attribute)]
     objects: dict[int, object] = {}
     for module in modules:
-        public = getattr(module, "__all__", None) or [n for n in vars(module) if _public(n)]
+        public = getattr(module, "__all__", None) or [n for n in vars(module) if is_public(n)]
         for name in sorted(set(public)):
             obj = vars(module).get(name)
             home = getattr(obj, "__module__", None) or ""
-            if obj is not None and _documented(obj) and (home == top or home.startswith(top + ".")):
+            if obj is not None and documented(obj) and (home == top or home.startswith(top + ".")):
                 names.setdefault(id(obj), []).append((module.__name__, name))
                 objects[id(obj)] = obj
     records = []
@@ -114,9 +54,9 @@ def _collect(package: str) -> tuple[list[tuple[str, str]], int, list[str]]:
         entries = [(name, obj.__doc__)]
         if isinstance(obj, type):
             for attr, member in sorted(vars(obj).items()):
-                if _public(attr):
+                if is_public(attr):
                     member = getattr(member, "__func__", member)  # staticmethod, classmethod
-                    if isinstance(member, property) or _documented(member):
+                    if isinstance(member, property) or documented(member):
                         entries.append((f"{name}.{attr}", member.__doc__))
             if getattr(obj, "__dataclass_fields__", None) and (obj.__doc__ or "").startswith(f"{name}("):
                 entries.pop(0)  # the signature dataclasses write for themselves

@@ -55,7 +55,7 @@ def quantize_like(linear: nn.Linear, like: nn.Module) -> nn.Module:
 
 
 def default_predicate(vocab_size: int | None, group_size: int):
-    """The seed's rule: quantize a Linear unless it produces the vocabulary (the output
+    """The MLX LoRA example's rule: quantize a Linear unless it produces the vocabulary (the output
     head) or its input width does not divide into groups. Embeddings: width must divide."""
 
     def predicate(path: str, module: nn.Module) -> bool:

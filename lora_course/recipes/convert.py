@@ -23,7 +23,7 @@ from lora_course.tree import tree_map
 
 
 def _quantize(model: Model, group_size: int = 64, bits: int = 4) -> Model:
-    """Quantize with lora_course.quant (the seed's rule: every Linear but the output head)."""
+    """Quantize with lora_course.quant (the MLX LoRA example's rule: every Linear but the output head)."""
     quantize_model(model, group_size=group_size, bits=bits)
     model.args.quantization = {"group_size": group_size, "bits": bits}
     return model

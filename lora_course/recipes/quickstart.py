@@ -2,7 +2,7 @@
 
 The whole course in one command. The embedded base model (``lora_course/assets/base``)
 was pretrained on the documentation of Python's standard library and numpy but never
-saw mlx; the docstrings of the installed ``mlx`` become a Q/A dataset (seed 001's
+saw mlx; the docstrings of the installed ``mlx`` become a Q/A dataset (the MLX LoRA example's
 idea, ``build_docstring_dataset``), and LoRA (Hu et al., 2021) teaches the model about
 mlx in a couple of minutes on a laptop CPU. Before and after fine-tuning it measures the
 held-out (test split) loss and perplexity and answers a few held-out questions, and
