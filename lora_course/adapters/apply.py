@@ -27,7 +27,7 @@ KINDS = ("lora", "dora", "full")  # what apply_lora can do to a block
 
 @dataclass
 class LoRAConfig:
-    """What apply_lora did to a model; adapters.py writes it as mlx-lm's adapter_config.json."""
+    """What apply_lora did to a model; files.py writes it as mlx-lm's adapter_config.json."""
 
     fine_tune_type: str = "lora"  # "lora", "dora" or "full"
     num_layers: int = 16  # how many of the last blocks are adapted (resolved: never -1 here)

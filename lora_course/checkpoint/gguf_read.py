@@ -12,7 +12,7 @@ needs on top, in three steps:
 - **names**: llama.cpp calls ``model.layers.3.self_attn.q_proj`` ``blk.3.attn_q``;
   :data:`GGUF_TOP` and :data:`GGUF_BLOCK` map one to the other (``gguf_write.py`` uses it backwards);
 - **RoPE rows**: llama.cpp's converter reorders the rows of q and k from HF's half-split
-  layout to Meta's interleaved pairs (see ``meta_format.py``); :func:`interleaved_to_halves`
+  layout to Meta's interleaved pairs (see ``meta.py``); :func:`interleaved_to_halves`
   undoes it, for the weight and, when it is quantized, its scales and biases (a row
   permutation moves whole rows, so the packed data stays valid).
 

@@ -1,6 +1,7 @@
-"""Checkpoints on disk: load and save Llama / Mistral weights, and convert between layouts.
+"""Loading a checkpoint: ``load(path) -> (model, tokenizer)`` from any layout we read.
 
-Three directory layouts are read, told apart by the files they hold:
+Three directory layouts are read, told apart by the files they hold, plus single files
+and Hub ids:
 
 - **HF** (``config.json`` + ``model.safetensors``, or shards listed in
   ``model.safetensors.index.json``): the Hugging Face layout. Tensor names are already
@@ -9,16 +10,20 @@ Three directory layouts are read, told apart by the files they hold:
   entry (``group_size``, ``bits``) in ``config.json`` as mlx-community models carry; the
   quantized layers are built first, then filled.
 - **Meta / Mistral originals** (``params.json`` + ``consolidated.*.pth``): read by
-  ``meta_format.py``, which renames Meta's tensors (``layers.0.attention.wq.weight``) to
+  ``meta.py``, which renames Meta's tensors (``layers.0.attention.wq.weight``) to
   ours and joins model-parallel shards. Their RoPE rotates interleaved feature pairs
   (Su et al., 2021, "RoFormer"), so the model is built with ``rope_traditional=True``
   rather than permuting the weights. ``.pth`` files are read with
   ``torch.load(weights_only=True)``, which refuses pickled code.
+- **GGUF** (one ``.gguf`` file, as llama.cpp, Ollama and LM Studio keep models): read by
+  ``gguf_read.py``; Q4_0 / Q4_1 / Q8_0 layers stay quantized.
+- **Hub ids** (``org/name``): fetched into, or found in, the Hugging Face cache
+  (``hub.py``), then read as an HF folder. A local path of that name always wins.
 
 Loading is lazy: ``mx.load`` maps tensors without reading them, each tensor is checked
 against the shape the config implies and then handed to the model, so there is never
-a second full copy of the weights. Saving is atomic (``lora_course.atomic``): everything
-is written into a temporary directory beside the target, which is then renamed into place.
+a second full copy of the weights. The tokenizer is ``tokenizer.json`` (Hugging Face
+``tokenizers``) or ``tokenizer.model`` (SentencePiece), whichever the folder has.
 
 Taught in notebook 04 (checkpoints, tokenizers and sampling).
 """

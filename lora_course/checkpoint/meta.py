@@ -19,7 +19,7 @@ build the model with ``rope_traditional=True``; :func:`interleaved_to_halves` is
 permutation applied only when such a model is saved in HF format.
 
 The rest (config checks, tensor checks, the tokenizer) is shared with HF checkpoints in
-``checkpoint.py``. Taught in notebook 04 (checkpoints, tokenizers and sampling).
+the rest of ``lora_course.checkpoint``. Taught in notebook 04 (checkpoints, tokenizers and sampling).
 """
 
 from __future__ import annotations

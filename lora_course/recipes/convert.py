@@ -1,6 +1,6 @@
 """Converting checkpoints: Hugging Face or Meta / Mistral originals to MLX, optionally quantized.
 
-``convert`` is ``load`` (any layout ``checkpoint.py`` reads), an optional cast of the
+``convert`` is ``load`` (any layout ``lora_course.checkpoint`` reads), an optional cast of the
 float weights, an optional quantization with ``lora_course.quant`` (group-wise affine,
 as QLoRA's base models need; Dettmers et al. 2023, arXiv:2305.14314), then ``save`` in
 the MLX layout. ``lora-course convert`` is its command line. Taught in notebook 04

@@ -3,7 +3,7 @@
 Llama and Mistral checkpoints ship a SentencePiece BPE model (``tokenizer.model``;
 Kudo & Richardson 2018, "SentencePiece", arXiv:1808.06226; BPE after Sennrich et al.
 2016, arXiv:1508.07909). ``Tokenizer`` loads one and adds what fine-tuning needs:
-bos/eos/pad ids, a chat template, byte offsets for loss masks (``data.py``) and a
+bos/eos/pad ids, a chat template, byte offsets for loss masks (``data/datasets.py``) and a
 streaming detokenizer for generation. ``train_tokenizer`` trains a BPE model whose
 settings make ``decode(encode(s)) == s`` for ordinary text, indentation included.
 Taught in notebook 04 (checkpoints, tokenizers and sampling); used in notebook 09.

@@ -23,7 +23,7 @@ def loss(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array):
     mask: (B, L), 0 on padding and on prompt tokens that carry no loss.
     """
     logits = model(inputs).astype(mx.float32)  # (B, L, V), float32 for a stable logsumexp
-    ce = cross_entropy(logits, targets)  # (B, L): logsumexp(logits) - logits[target]; fastmath.py
+    ce = cross_entropy(logits, targets)  # (B, L): logsumexp(logits) - logits[target]; model/fastmath.py
     ntoks = mask.sum()
     return (ce * mask).sum() / mx.maximum(ntoks, 1), ntoks
 

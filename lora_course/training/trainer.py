@@ -1,4 +1,4 @@
-"""The training loop: the loss, evaluation and ``train`` (batches come from batching.py).
+"""The training loop, ``train`` (the loss is in evaluate.py, batches come from data/batching.py).
 
 Fine-tuning is ordinary next-token training (Radford et al., 2018) restricted to
 the parameters left trainable (LoRA's ``lora_a``/``lora_b``, Hu et al., 2021). One
@@ -84,7 +84,7 @@ def train(
     """Train ``model``'s trainable parameters on ``train_set``; see ``TrainingArgs`` for options.
 
     ``loss_fn(model, inputs, targets, mask) -> (loss, ntoks)`` is the objective; with a
-    ``teacher`` it becomes a distillation loss (``distill`` "kl" or "js", see losses.py).
+    ``teacher`` it becomes a distillation loss (``distill`` "kl" or "js", see training/losses.py).
     ``resume=True`` continues from ``args.adapter_path``'s training state (or from the
     directory given as ``resume``). ``adapter_config`` goes into ``adapter_config.json``.
     Under ``mlx.launch`` every process runs this with the same arguments; batches are
