@@ -220,8 +220,10 @@ def test_apply_lora_errors_name_the_problem(tiny_model):
         apply_lora(tiny_model, num_layers=2)
 
 
-def test_apply_full_unfreezes_whole_blocks(tiny_model):
-    apply_lora(tiny_model, num_layers=1, kind="full")
+@pytest.mark.parametrize("kind", ["full_fine_tuning", "full"])  # the plain name and mlx-lm's
+def test_apply_full_unfreezes_whole_blocks(tiny_model, kind):
+    apply_lora(tiny_model, num_layers=1, kind=kind)
+    assert tiny_model.lora_config.fine_tune_type == "full"  # files keep mlx-lm's word
     names = trainable_names(tiny_model)
     assert names and all(n.startswith("model.layers.1.") for n in names)
     assert "model.layers.1.input_layernorm.weight" in names

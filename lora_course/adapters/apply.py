@@ -22,7 +22,9 @@ from lora_course.adapters.lora import LoRALinear, check_hyper, lora_scale
 from lora_course.quant.layers import dequantized, is_quantized
 from lora_course.tree import tree_flatten, tree_unflatten
 
-KINDS = ("lora", "dora", "full")  # what apply_lora can do to a block
+KINDS = ("lora", "dora", "full")  # what apply_lora can do to a block ("full": mlx-lm's name)
+# The name that says what "full" does; both spellings work, files record mlx-lm's "full".
+FULL_FINE_TUNING = "full_fine_tuning"
 
 
 @dataclass
@@ -95,13 +97,15 @@ def apply_lora(
 
     ``kind="lora"`` / ``"dora"`` wraps the linears named by ``keys`` (paths inside a
     block such as ``"self_attn.q_proj"``; default all of them) in LoRALinear / DoRALinear.
-    ``kind="full"`` unfreezes those blocks instead. ``num_layers=-1`` means every block.
+    ``kind="full_fine_tuning"`` (or mlx-lm's spelling ``"full"``) unfreezes those blocks
+    instead: full fine-tuning of the last ``num_layers`` blocks, no adapter layers. ``num_layers=-1`` means every block.
     What was done is recorded as ``model.lora_config`` (a LoRAConfig).
     """
 
     # Check everything first, so that a bad argument leaves the model untouched.
+    kind = "full" if kind == FULL_FINE_TUNING else kind
     if kind not in KINDS:
-        raise ValueError(f"apply_lora: kind={kind!r} is not one of {', '.join(KINDS)}")
+        raise ValueError(f"apply_lora: kind={kind!r} is not one of lora, dora, {FULL_FINE_TUNING} (or full)")
     if getattr(model, "lora_config", None) is not None:
         raise ValueError(
             "apply_lora: this model already has adapters "
