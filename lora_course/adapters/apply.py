@@ -98,7 +98,8 @@ def apply_lora(
     ``kind="lora"`` / ``"dora"`` wraps the linears named by ``keys`` (paths inside a
     block such as ``"self_attn.q_proj"``; default all of them) in LoRALinear / DoRALinear.
     ``kind="full_fine_tuning"`` (or mlx-lm's spelling ``"full"``) unfreezes those blocks
-    instead: full fine-tuning of the last ``num_layers`` blocks, no adapter layers. ``num_layers=-1`` means every block.
+    instead: full fine-tuning of the last ``num_layers`` blocks, no adapter layers.
+    ``num_layers=-1`` means every block.
     What was done is recorded as ``model.lora_config`` (a LoRAConfig).
     """
 
