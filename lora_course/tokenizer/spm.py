@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import codecs
 import io
-import json
 import os
 import re
 from pathlib import Path
@@ -22,30 +21,9 @@ import numpy as np
 import sentencepiece as spm
 
 from lora_course import atomic
+from lora_course.tokenizer.template import TokenizerError, read_chat_template, read_file, render_chat_template
 
 SPACE = "\u2581"  # "▁": how SentencePiece writes a space inside a piece
-
-
-class TokenizerError(ValueError):
-    """A tokenizer file that cannot be used; the message names the file."""
-
-
-def _read_chat_template(folder: Path) -> str | None:
-    """A chat template stored beside the model: chat_template.jinja or tokenizer_config.json."""
-    jinja = folder / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    config = folder / "tokenizer_config.json"
-    if config.is_file():
-        try:
-            template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
-        except (ValueError, AttributeError) as e:
-            raise TokenizerError(f"{config}: not a JSON object ({e})") from None
-        if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            template = named.get("default")
-        return template if isinstance(template, str) else None
-    return None
 
 
 class Tokenizer:
@@ -68,9 +46,9 @@ class Tokenizer:
                 )
         if not path.is_file():
             raise FileNotFoundError(f"{path}: tokenizer file not found")
-        self._load(path.read_bytes(), str(path))
+        self._load(read_file(path), str(path))
         self.path = path
-        self.chat_template = chat_template or _read_chat_template(path.parent)
+        self.chat_template = chat_template or read_chat_template(path.parent)
 
     @classmethod
     def from_bytes(cls, model_proto: bytes, chat_template: str | None = None) -> Tokenizer:
@@ -105,8 +83,7 @@ class Tokenizer:
 
     # -- ids and sizes
     @property
-    def sp(self) -> spm.SentencePieceProcessor:
-        """The underlying ``SentencePieceProcessor``."""
+    def sp(self) -> spm.SentencePieceProcessor:  # the underlying SentencePieceProcessor
         return self._sp
 
     @property
@@ -266,22 +243,15 @@ class Tokenizer:
         if self.chat_template is None:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
             return text + ("assistant: " if add_generation_prompt else "")
-        try:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-        except ImportError:
-            raise ImportError("rendering a chat template needs jinja2: pip install jinja2") from None
-
-        def raise_exception(message):
-            raise TokenizerError(f"chat template: {message}")
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
         piece = lambda i: self.id_to_piece(i) if i is not None else ""  # noqa: E731
-        return env.from_string(self.chat_template).render(
+        where = str(self.path.parent) if self.path else "<bytes>"  # (template.py: sandbox, limits)
+        return render_chat_template(
+            self.chat_template,
+            where,
             messages=messages,
-            add_generation_prompt=add_generation_prompt,
             bos_token=piece(self.bos_id),
             eos_token=piece(self.eos_id),
+            add_generation_prompt=add_generation_prompt,
         )
 
     # -- disk
