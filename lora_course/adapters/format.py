@@ -8,10 +8,10 @@ the atomic writer of a (weights, config) pair. ``peft.py`` and ``files.py`` buil
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import re
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,7 @@ def write_pair(folder: Path, tensors: dict[str, mx.array], config: dict, note: s
     the old pair whole; an exclusive lock on ``folder`` keeps a second writer (another
     process) from interleaving its renames with ours.
     """
-    save_id = secrets.token_hex(8)
+    save_id = content_id(tensors, config)
     text = json.dumps({**config, SAVE_ID: save_id}, indent=2, sort_keys=True, default=str) + "\n"
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -75,6 +75,17 @@ def write_pair(folder: Path, tensors: dict[str, mx.array], config: dict, note: s
     except (OSError, RuntimeError) as e:  # MLX may report a write error as RuntimeError
         why = getattr(e, "strerror", None) or e
         raise AdapterError(f"{folder}: cannot write adapters ({why}){note}") from None
+
+
+def content_id(tensors: dict[str, mx.array], config: dict) -> str:
+    """A digest of what a save holds: saves of the same adapter get the same id (so files
+    stay byte-identical), any two that differ get different ones."""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for name in sorted(tensors):
+        value = mx.contiguous(tensors[name])  # (a transposed view has no flat buffer)
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
+        digest.update(memoryview(value.view(mx.uint16) if value.dtype == mx.bfloat16 else value))
+    return digest.hexdigest()[:16]
 
 
 def check_same_save(config: dict, metadata: dict, cfg_file: Path, weights: Path) -> None:

@@ -112,9 +112,18 @@ def generate_tokens(
     top_k: int = 0,
     seed: int | None = None,
 ) -> Iterator[int]:
-    """Yield up to ``max_tokens`` new token ids after ``prompt`` (a list of ids)."""
+    """Yield up to ``max_tokens`` new token ids after ``prompt`` (a list of ids).
+
+    The arguments are checked when it is called, before the first token is asked for.
+    """
     check_sampling(max_tokens, temp, top_p, top_k, seed)
     prompt = check_prompt(prompt, getattr(getattr(model, "args", None), "vocab_size", None))
+    return _decode(model, prompt, max_tokens, temp, top_p, top_k, seed)
+
+
+def _decode(
+    model, prompt: list[int], max_tokens: int, temp: float, top_p: float, top_k: int, seed
+) -> Iterator[int]:
     cache = make_cache(model)
     key = mx.random.key(seed) if seed is not None else None
 
