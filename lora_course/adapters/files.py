@@ -74,7 +74,7 @@ def read_adapter(path) -> tuple[LoRAConfig, dict[str, mx.array], Path]:
     if not path.is_dir():
         raise AdapterError(f"{path}: no such adapter directory")
     cfg_file = path / ADAPTER_CONFIG
-    if not cfg_file.is_file():
+    if not cfg_file.exists() and not cfg_file.is_symlink():  # (a FIFO or device: safe_io says so)
         raise AdapterError(
             f"{path}: no {ADAPTER_CONFIG} in this directory; an adapter directory "
             f"holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} (or PEFT's {PEFT_WEIGHTS})"

@@ -217,7 +217,13 @@ def build_config(args: argparse.Namespace) -> TrainCommandConfig:
     merged = read_yaml_config(args.config) if args.config else {}
     names = {f.name for f in fields(TrainCommandConfig)}
     merged.update({k: v for k, v in vars(args).items() if k in names and v is not None})
-    return TrainCommandConfig.from_dict(merged, source=args.config or "command line")
+    source = args.config or "command line"
+    try:
+        return TrainCommandConfig.from_dict(merged, source=source)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a value of the right type out of range: name where it came from
+        raise ConfigError(f"{source}: {e}") from None
 
 
 def run_train_command(args: argparse.Namespace) -> int:
