@@ -217,7 +217,7 @@ def _check_entry(path, name: str, entry, data_size: int) -> None:
     if not isinstance(entry, dict):
         bad("has a header entry that is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in SAFETENSORS_DTYPES:
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
         bad(f"has an unknown dtype {repr(dtype)[:30]}")
     ints = lambda xs: (
         isinstance(xs, list)
