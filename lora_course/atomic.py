@@ -34,11 +34,13 @@ Taught in notebook 10 (training loop: crash-safe checkpoints); used by notebooks
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Union
 
@@ -160,6 +162,28 @@ class FileSet:
         finally:
             for tmp, _ in self.staged[self.replaced :]:
                 tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def locked(folder, shared: bool = False) -> Iterator[None]:
+    """Hold an advisory lock (``fcntl.flock``) on ``folder`` itself for the block.
+
+    Writers of a set of files in the folder take it exclusive, readers shared, so a
+    reader never sees one writer's file beside another's, and two writers never
+    interleave their renames. A folder that cannot be opened is read without the lock.
+    """
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        if not shared:
+            raise
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 # ----------------------------------------------------------------------------- folders

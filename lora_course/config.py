@@ -9,6 +9,8 @@ annotations as the schema. Used by notebook 10 and the ``lora-course train`` CLI
 from __future__ import annotations
 
 import difflib
+import math
+import reprlib
 import types
 import typing
 from dataclasses import fields
@@ -33,8 +35,8 @@ def checked_fields(
                 continue
             close = difflib.get_close_matches(name, sorted(known), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{source}: unknown key {key!r}{hint}", key=key)
-        kwargs[name] = _coerce(value, hints[name], f"{source}: key {key!r}", key)
+            raise ConfigError(f"{source}: unknown key {reprlib.repr(key)[:60]}{hint}", key=key)
+        kwargs[name] = _coerce(value, hints[name], f"{source}: key {reprlib.repr(key)}", key)
     return kwargs
 
 
@@ -53,7 +55,7 @@ def _type_name(hint) -> str:
         return f"a list of {_type_name(typing.get_args(hint)[0]).split(' ', 1)[-1]}s"
     names = {
         int: "an integer",
-        float: "a number",
+        float: "a finite number",
         str: "a string",
         bool: "true/false",
         type(None): "null",
@@ -79,14 +81,13 @@ def _coerce(value, hint, where: str, key):
         ok = isinstance(value, bool)
     elif hint is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            ok, out = True, float(value)
-        elif isinstance(value, str):
-            try:
-                ok, out = True, float(value)
-            except ValueError:
-                pass
+    elif hint is float:  # finite only: NaN or inf in a setting is never meant
+        try:
+            if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+                out = float(value)
+                ok = math.isfinite(out)
+        except (ValueError, OverflowError):
+            pass
     elif hint is str:
         ok = isinstance(value, str)
     elif origin is list:
@@ -96,5 +97,6 @@ def _coerce(value, hint, where: str, key):
         ok = isinstance(value, dict)
     if not ok:
         got = "null" if value is None else type(value).__name__
-        raise ConfigError(f"{where} must be {_type_name(hint)}, got {got} {value!r}", key=key)
+        shown = reprlib.repr(value)[:60]  # bounded work and length, whatever the value
+        raise ConfigError(f"{where} must be {_type_name(hint)}, got {got} {shown}", key=key)
     return out

@@ -312,7 +312,7 @@ def test_config_wrong_type_and_unsupported_model(saved, tmp_path):
     with pytest.raises(CheckpointError, match=r"config\.json: model_type 'gpt2' is not supported"):
         load(c)
     (c / "config.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match=r"config\.json: not valid JSON"):
+    with pytest.raises(CheckpointError, match=r"config\.json: line 1: not valid JSON"):
         load(c)
 
 

@@ -1,11 +1,13 @@
-"""Generated configs at the boundaries: the documented error or a correct result, nothing else.
+"""Generated inputs at every loader: the documented error or a correct result, nothing else.
 
 The dataset loaders, tree utilities and quantizer have their own property tests
 (tests/test_data.py: 1,100 cases, tests/test_tree.py: 1,300, tests/test_quant.py: 1,200
 in the "ci" profile). Here hypothesis fuzzes the three JSON/YAML configs users hand us,
 where a KeyError or TypeError from deep inside would be the failure: ``config.json``
 (checkpoint.read_config), ``adapter_config.json`` (load_adapters) and the training
-options (``TrainingArgs.from_dict``, what a YAML file becomes).
+options (``TrainingArgs.from_dict``, what a YAML file becomes); then whole YAML files
+(``lora-course train -c``), jsonl records and safetensors headers. 1,000 cases each; the
+only outcomes allowed are a load or our own error type with a one-line message.
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ def hf_configs(draw):
     return config
 
 
-@settings(max_examples=300)
+@settings(max_examples=1000, deadline=None)
 @given(hf_configs())
 def test_config_json_gives_model_args_or_a_checkpoint_error(config):
     folder = Path(tempfile.mkdtemp(dir=TMP))
@@ -180,7 +182,7 @@ def adapter_configs(draw):
     return config
 
 
-@settings(max_examples=300)
+@settings(max_examples=1000, deadline=None)
 @given(adapter_configs())
 def test_adapter_config_loads_or_gives_an_adapter_error(config):
     folder = Path(tempfile.mkdtemp(dir=TMP))
@@ -218,7 +220,7 @@ OPTIONS = [
 ]
 
 
-@settings(max_examples=300)
+@settings(max_examples=1000, deadline=None)
 @given(
     st.dictionaries(
         st.sampled_from(OPTIONS + ["learnig_rate", "lora_layers", "batch-size"]),
@@ -239,3 +241,121 @@ def test_training_options_build_or_name_the_bad_key(options):
     for key, value in options.items():
         got = getattr(args, key.replace("-", "_"))
         assert got == value or (isinstance(value, str) and got == float(value)), (key, value, got)
+
+
+# ----------------------------------------------------------------------------- YAML files
+
+from lora_course.checkpoint.files import mx_load  # noqa: E402
+from lora_course.data.datasets import load_dataset  # noqa: E402
+from lora_course.data.records import DatasetError  # noqa: E402
+from lora_course.recipes.train_cli import read_yaml_config  # noqa: E402
+from lora_course.tokenizer.spm import train_tokenizer  # noqa: E402
+
+YAML_KEYS = ["iters", "rank", "learning_rate", "keys", "lora_parameters", "scale", "seed", "lerning_rate"]
+yaml_scalars = st.sampled_from(
+    ["1", "-1", "0", "1e-4", ".nan", ".inf", "null", "true", "x", "'8'", "[]", "{}", "100000000000000000000"]
+)
+
+
+@st.composite
+def yaml_texts(draw):
+    lines = []
+    for key in draw(st.lists(st.sampled_from(YAML_KEYS), max_size=4, unique=True)):
+        form = draw(st.sampled_from(["scalar", "list", "nested", "anchor", "junk"]))
+        if form == "scalar":
+            lines.append(f"{key}: {draw(yaml_scalars)}")
+        elif form == "list":
+            lines.append(f"{key}: [{', '.join(draw(st.lists(yaml_scalars, max_size=3)))}]")
+        elif form == "nested":
+            lines.append(f"{key}:\n  rank: {draw(yaml_scalars)}\n  scale: {draw(yaml_scalars)}")
+        elif form == "anchor":
+            lines.append(f"{key}: &{key} [{draw(yaml_scalars)}]\nz{key}: [*{key}, *{key}]")
+        else:
+            lines.append(draw(st.text(st.sampled_from(":-[]{}&*!|>'\"# \nab1"), max_size=20)))
+    return "\n".join(lines) + "\n"
+
+
+@settings(max_examples=1000, deadline=None)
+@given(yaml_texts())
+def test_yaml_config_reads_or_gives_a_config_error(text):
+    path = Path(tempfile.mkdtemp(dir=TMP)) / "run.yaml"
+    path.write_text(text)
+    try:
+        flat = read_yaml_config(path)
+    except ConfigError as e:
+        one_line_naming(e, str(path))
+        return
+    assert isinstance(flat, dict)
+
+
+# ----------------------------------------------------------------------------- jsonl records
+
+TOK = train_tokenizer(["the model layer token weight rank " * 3, "def return import self"] * 50, 300, None)
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@st.composite
+def records(draw):
+    shape = draw(st.sampled_from(["text", "completion", "chat", "junk"]))
+    if shape == "junk":
+        return draw(json_values)
+    if shape == "text":
+        return {"text": draw(st.one_of(st.text(max_size=10), json_values))}
+    if shape == "completion":
+        return {k: draw(st.one_of(st.text(max_size=6), json_values)) for k in ("prompt", "completion")}
+    role = st.one_of(st.sampled_from(["user", "assistant", "system", "tool"]), json_values)
+    message = st.fixed_dictionaries({"role": role, "content": st.one_of(st.text(max_size=6), json_values)})
+    return {"messages": draw(st.one_of(st.lists(message, max_size=3), json_values))}
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(records(), min_size=1, max_size=3), st.booleans(), st.booleans())
+def test_jsonl_records_load_or_give_a_dataset_error(rows, mask_prompt, raw_break):
+    path = Path(tempfile.mkdtemp(dir=TMP)) / "d.jsonl"
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    path.write_text(text[:-3] if raw_break else text)
+    try:
+        splits = load_dataset(path, TOK, mask_prompt=mask_prompt)
+    except DatasetError as e:
+        one_line_naming(e, str(path))
+        return
+    assert len(splits.train) == len(rows)
+
+
+# ----------------------------------------------------------------------------- safetensors headers
+
+entries = st.fixed_dictionaries(
+    {
+        "dtype": st.one_of(st.sampled_from(["F32", "F16", "BF16", "I32", "U8", "F8_E4M3", "Q4"]), junk),
+        "shape": st.one_of(st.lists(st.integers(0, 4), max_size=3), junk),
+        "data_offsets": st.one_of(st.lists(st.integers(-2, 80), min_size=2, max_size=2), junk),
+    }
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.dictionaries(st.sampled_from(["a", "b", "__metadata__"]), st.one_of(entries, junk), max_size=3),
+    st.integers(0, 80),
+    st.sampled_from(["exact", "long", "short", "garbage"]),
+)
+def test_safetensors_header_loads_or_gives_a_checkpoint_error(header, data_bytes, length):
+    raw = json.dumps(header).encode() if length != "garbage" else b"\xff{not json"
+    n = {"exact": len(raw), "long": len(raw) + 10**6, "short": max(len(raw) - 3, 0), "garbage": len(raw)}[
+        length
+    ]
+    path = Path(tempfile.mkdtemp(dir=TMP)) / "model.safetensors"
+    path.write_bytes(n.to_bytes(8, "little") + raw + bytes(data_bytes))
+    try:
+        tensors = mx_load(path)
+    except CheckpointError as e:
+        one_line_naming(e, str(path))
+        return
+    for value in tensors.values():
+        mx.eval(value)

@@ -77,8 +77,8 @@ def test_from_dict_unknown_key_names_it_and_suggests():
         ("iters", "ten", "an integer"),
         ("iters", 2.5, "an integer"),
         ("compile", "yes", "true/false"),
-        ("learning_rate", [1], "a number"),
-        ("grad_clip", "big", "a number or null"),
+        ("learning_rate", [1], "a finite number"),
+        ("grad_clip", "big", "a finite number or null"),
         ("batch_size", True, "an integer"),
     ],
 )

@@ -19,7 +19,8 @@ import mlx.nn as nn
 
 from lora_course.adapters.dora import DoRALinear
 from lora_course.adapters.lora import LoRALinear, check_hyper, lora_scale
-from lora_course.quant.layers import dequantized, is_quantized
+from lora_course.limits import memory_problem
+from lora_course.quant.layers import dequantized, is_quantized, linear_dims
 from lora_course.tree import tree_flatten, tree_unflatten
 
 KINDS = ("lora", "dora", "full")  # what apply_lora can do to a block ("full": mlx-lm's name)
@@ -144,6 +145,12 @@ def apply_lora(
                     f"valid keys: {', '.join(valid)}"
                 )
         keys = [k for k in valid if k in set(keys)]  # one canonical order
+        modules = dict(blocks[0].named_modules())
+        per_block = sum(rank * sum(linear_dims(modules[k])) for k in keys)
+        # float32 adapters plus Adam's two moments: 12 bytes per parameter
+        why = memory_problem(12.0 * per_block * num_layers, f"rank-{rank} adapters on {num_layers} blocks")
+        if why:
+            raise ValueError(f"apply_lora: {why}; use a smaller rank")
 
     model.freeze()
     if kind == "full":

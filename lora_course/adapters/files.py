@@ -22,13 +22,13 @@ names and flushed, and only then renamed into place. Taught in notebook 06.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from lora_course import atomic
 from lora_course.adapters.apply import LoRAConfig, apply_lora
 from lora_course.adapters.format import (
     ADAPTER_CONFIG,
@@ -36,6 +36,7 @@ from lora_course.adapters.format import (
     PEFT_WEIGHTS,
     AdapterError,
     as_dict,
+    check_same_save,
     parse_config,
     read_json,
     read_safetensors,
@@ -68,9 +69,8 @@ def save_adapters(model: nn.Module, path, config=None, format: str = "mlx") -> P
     if not weights:
         raise AdapterError("save_adapters: the model has no trainable parameters to save")
     data = {**as_dict(config), **lora_config.to_dict()}
-    text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
     path = Path(path)
-    write_pair(path, weights, text, "; any previous adapters there are unchanged")
+    write_pair(path, weights, data, "; any previous adapters there are unchanged")
     return path
 
 
@@ -80,15 +80,19 @@ def read_adapter(path) -> tuple[LoRAConfig, dict[str, mx.array], Path]:
     if not path.is_dir():
         raise AdapterError(f"{path}: no such adapter directory")
     cfg_file = path / ADAPTER_CONFIG
-    if not cfg_file.is_file():
+    if not cfg_file.exists() and not cfg_file.is_symlink():  # (a FIFO or device: safe_io says so)
         raise AdapterError(
             f"{path}: no {ADAPTER_CONFIG} in this directory; an adapter directory "
             f"holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} (or PEFT's {PEFT_WEIGHTS})"
         )
-    raw = read_json(cfg_file)
-    if "peft_type" in raw or ("r" in raw and "lora_alpha" in raw):
-        return read_peft(raw, path)
-    return parse_config(raw, cfg_file), read_safetensors(path / ADAPTER_WEIGHTS), path / ADAPTER_WEIGHTS
+    with atomic.locked(path, shared=True):  # no save may swap files while we read
+        raw = read_json(cfg_file)
+        if "peft_type" in raw or ("r" in raw and "lora_alpha" in raw):
+            return read_peft(raw, path)
+        cfg = parse_config(raw, cfg_file)
+        tensors, metadata = read_safetensors(path / ADAPTER_WEIGHTS)
+    check_same_save(raw, metadata, cfg_file, path / ADAPTER_WEIGHTS)
+    return cfg, tensors, path / ADAPTER_WEIGHTS
 
 
 def load_adapters(model: nn.Module, path) -> nn.Module:
@@ -181,7 +185,7 @@ def convert_peft_adapter(peft_dir, out_dir) -> Path:
         )
     cfg, tensors, _ = read_peft(raw, Path(peft_dir))
     out = Path(out_dir)
-    write_pair(out, tensors, json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    write_pair(out, tensors, cfg.to_dict())
     return out
 
 

@@ -24,6 +24,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from lora_course.limits import MAX_RANK, int_in_range
 from lora_course.quant.layers import (
     dense_weight,
     is_quantized,
@@ -38,11 +39,12 @@ def lora_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
 
 
 def check_hyper(rank: int, alpha: float, dropout: float) -> None:
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
-    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha)):
+    why = int_in_range(rank, "LoRA rank", 1, MAX_RANK)
+    if why:
+        raise ValueError(why)
+    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha)):
         raise ValueError(f"LoRA alpha must be a finite number, got {alpha!r}")
-    if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+    if not (isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0.0 <= dropout < 1.0):
         raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
 
 

@@ -62,7 +62,7 @@ def read_peft(raw: dict[str, Any], path: Path) -> tuple[LoRAConfig, dict[str, mx
         raise AdapterError(f"{cfg_file}: 'lora_alpha' must be a number, got {alpha!r}")
     kind = "dora" if raw.get("use_dora") else "lora"
     ours, layers, keys = {}, set(), set()
-    for name, value in read_safetensors(wfile).items():
+    for name, value in read_safetensors(wfile)[0].items():
         m = PEFT_TENSOR.fullmatch(name)
         if m is None:
             raise AdapterError(

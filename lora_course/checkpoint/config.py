@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 from lora_course.checkpoint.files import CheckpointError, detect_format, read_json
-from lora_course.model.args import ModelArgs
+from lora_course.model.args import ModelArgs, memory_problem
 
 SUPPORTED_TYPES = ("llama", "mistral")
 
@@ -83,9 +83,13 @@ def read_config(folder: Path) -> ModelArgs:
             "RoPE needs an even head width of at least 2"
         )
     try:
-        return ModelArgs.from_dict(config)
-    except (TypeError, ValueError) as e:
+        args = ModelArgs.from_dict(config)
+    except (TypeError, ValueError, ArithmeticError) as e:
         raise CheckpointError(f"{path}: {e}") from None
+    why = memory_problem(args)  # before anything is allocated
+    if why:
+        raise CheckpointError(f"{path}: {why}; is this config.json right?")
+    return args
 
 
 def _check_optional(path: Path, config: dict) -> None:

@@ -6,13 +6,13 @@ a model. Every problem raises :class:`CheckpointError` naming the file.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import mlx.core as mx
 
 from lora_course.checkpoint import hub
+from lora_course.safe_io import InputError, check_safetensors, read_json_object
 
 BASE_DIR = Path(__file__).parent.parent / "assets" / "base"  # the course's embedded base model
 
@@ -71,18 +71,19 @@ def detect_format(folder: Path) -> str:
 
 
 def read_json(path: Path) -> dict:
+    """A JSON object from a regular file, bounded in size and depth (``safe_io``)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+        return read_json_object(path)
+    except InputError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def mx_load(path: Path) -> dict[str, mx.array]:
     try:
+        check_safetensors(path)  # a regular file whose header is sound, before MLX reads it
         return mx.load(str(path))
+    except InputError as e:
+        raise CheckpointError(str(e)) from None
     except (RuntimeError, ValueError, OSError) as e:
         reason = str(e).replace("[load_safetensors] ", "").splitlines()[0]
         raise CheckpointError(f"{path}: cannot read safetensors: {reason}") from None

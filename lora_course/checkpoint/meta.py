@@ -33,6 +33,7 @@ from lora_course.checkpoint.config import read_config
 from lora_course.checkpoint.files import CheckpointError, mx_load, read_json
 from lora_course.checkpoint.weights import load_weights
 from lora_course.model.transformer import Model
+from lora_course.safe_io import InputError, regular_file
 
 META_NAMES = [  # Meta / Mistral original name -> ours
     (r"^tok_embeddings\.", "model.embed_tokens."),
@@ -84,9 +85,12 @@ def load_meta(folder: Path, lazy: bool) -> Model:
     for name in shards[0]:
         parts = [s[name] for s in shards if name in s]
         axis = meta_concat_axis(name)
-        merged[meta_to_hf_name(name)] = (
-            parts[0] if len(parts) == 1 or axis is None else mx.concatenate(parts, axis=axis)
-        )
+        try:
+            merged[meta_to_hf_name(name)] = (
+                parts[0] if len(parts) == 1 or axis is None else mx.concatenate(parts, axis=axis)
+            )
+        except ValueError as e:  # shards whose shapes do not join
+            raise CheckpointError(f"{first}: tensor '{name}': the shards do not fit together ({e})") from None
     del shards
     config = read_json(args_path)
     args = read_config(folder)
@@ -110,6 +114,10 @@ def torch_load(path: Path) -> dict[str, mx.array]:
             "(or convert the checkpoint to safetensors elsewhere)"
         ) from None
     try:
+        regular_file(path)  # a FIFO or a device would hang or never end
+    except InputError as e:
+        raise CheckpointError(str(e)) from None
+    try:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as e:
@@ -127,6 +135,11 @@ def torch_load(path: Path) -> dict[str, mx.array]:
     for name, t in state.items():
         if not isinstance(t, torch.Tensor):
             raise CheckpointError(f"{path}: entry '{name}' is a {type(t).__name__}, not a tensor")
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise CheckpointError(
+                f"{path}: tensor '{name}' has dtype {str(t.dtype).replace('torch.', '')}; "
+                "lora_course reads float32, float16 and bfloat16 weights"
+            )
         t = t.contiguous()
         if t.dtype == torch.bfloat16:  # numpy has no bfloat16: move the raw bits
             out[name] = mx.array(t.view(torch.uint16).numpy()).view(mx.bfloat16)

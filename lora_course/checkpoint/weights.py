@@ -16,9 +16,13 @@ from lora_course.checkpoint.files import CheckpointError, dtype_name, mx_load
 from lora_course.model.args import ModelArgs
 from lora_course.model.transformer import Model
 from lora_course.quant.layers import use_dequant_layers
+from lora_course.quant.quantize import QuantizationError, check_params
 from lora_course.tree import tree_flatten
 
 FLOATS = (mx.float16, mx.bfloat16, mx.float32)
+
+
+QUANT_MODES = ("affine", "mxfp4", "mxfp8", "nvfp4")  # what nn.quantize accepts
 
 
 IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$|^rope\.freqs$")  # recomputed, not learned
@@ -44,16 +48,43 @@ def build(args: ModelArgs, quantized: set[str], config_path: Path) -> Model:
                 "'quantization' entry with group_size and bits"
             )
 
+        _check_quantization(q, config_path, "quantization")
+        for path in quantized:  # per-layer overrides: {"model.layers.0.mlp.up_proj": {...}}
+            if isinstance(q.get(path), dict):
+                _check_quantization({**q, **q[path]}, config_path, f"quantization.{path}")
+
         def predicate(path, module):
             if path not in quantized or not hasattr(module, "to_quantized"):
                 return False
             return q[path] if isinstance(q.get(path), dict) else True
 
-        nn.quantize(
-            model, q["group_size"], q["bits"], mode=q.get("mode", "affine"), class_predicate=predicate
-        )
+        try:
+            nn.quantize(
+                model, q["group_size"], q["bits"], mode=q.get("mode", "affine"), class_predicate=predicate
+            )
+        except ValueError as e:  # MLX's own check (e.g. a width that group_size does not divide)
+            raise CheckpointError(f"{config_path}: key 'quantization': {e}") from None
         use_dequant_layers(model)  # the same layer classes quantize_model makes (fast on CPU)
     return model
+
+
+def _check_quantization(q: dict, config_path: Path, key: str) -> None:
+    """group_size, bits and mode checked here: a group size of 0 reaching MLX's kernel
+    kills the process (SIGFPE) at the first matmul."""
+    mode = q.get("mode", "affine")
+    if mode not in QUANT_MODES:
+        raise CheckpointError(
+            f"{config_path}: key '{key}': mode {mode!r} is not one of {', '.join(QUANT_MODES)}"
+        )
+    try:
+        if mode == "affine":
+            check_params(q.get("group_size"), q.get("bits"))
+        elif not (q.get("group_size") in (16, 32, 64, 128) and q.get("bits") in (4, 8)):
+            raise QuantizationError(
+                f"group_size={q.get('group_size')!r}, bits={q.get('bits')!r} do not fit mode {mode!r}"
+            )
+    except QuantizationError as e:
+        raise CheckpointError(f"{config_path}: key '{key}': {e}") from None
 
 
 def load_weights(model: Model, sources, where, lazy: bool = True) -> None:

@@ -40,6 +40,7 @@ import numpy as np
 from lora_course.data.records import (
     DatasetError,
     DatasetWarning,
+    checked_file,
     csv_texts,
     jsonl_records,
     short,
@@ -82,6 +83,13 @@ class TokenizedDataset:
     def __iter__(self):
         return (self[i] for i in range(len(self)))
 
+    def loss_tokens(self, max_seq_length: int) -> int:
+        """Target tokens that carry loss once each sample is cut to ``max_seq_length``."""
+        if self._mask is None:
+            return int(np.maximum(np.minimum(self._lengths, max_seq_length) - 1, 0).sum())
+        ends = self._offsets[:-1] + np.minimum(self._lengths, max_seq_length)  # target j is token j >= 1
+        return sum(int(self._mask[a + 1 : b].sum()) for a, b in zip(self._offsets[:-1], ends))
+
     @property
     def lengths(self) -> np.ndarray:
         """Tokens per sample (for length-bucketed batching)."""
@@ -110,6 +118,10 @@ def _field(obj: dict, key: str, path, n, allow_empty=True) -> str:
     value = obj[key]
     if not isinstance(value, str):
         raise DatasetError(path, n, f"field {key!r} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate ("\ud800"): not text, and fatal to the tokenizer
+        raise DatasetError(path, n, f"field {key!r} holds a lone surrogate {value[e.start]!r}") from None
     if not allow_empty and not value:
         raise DatasetError(path, n, f"field {key!r} is empty")
     return value
@@ -316,6 +328,8 @@ def load_dataset(
         files = {s: path / f"{s}.jsonl" for s in SPLITS if (path / f"{s}.jsonl").exists()}
         if "train" not in files:
             raise DatasetError(path, 0, "has valid/test.jsonl but no train.jsonl")
+        for file in files.values():  # regular files, and no symlink out of the dataset folder
+            checked_file(file, inside=path)
     splits, truncated = {}, {}
     for split, file in files.items():
         samples = _read(file, tokenizer, text_column, txt_mode, mask_prompt)

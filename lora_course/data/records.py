@@ -12,6 +12,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from lora_course.safe_io import InputError, regular_file
+
 
 def short(text: str, limit: int = 60) -> str:
     """``text`` cut to ``limit`` characters: a 10 MB bad value must not become the message."""
@@ -30,8 +32,18 @@ class DatasetWarning(UserWarning):
     """Data was changed on the way in (truncated samples)."""
 
 
+def checked_file(path: Path, inside=None) -> Path:
+    """``path`` if it is a regular file (no directory, FIFO or device such as /dev/zero),
+    and with ``inside`` not a symlink out of that folder."""
+    try:
+        return regular_file(path, inside)
+    except InputError as e:
+        raise DatasetError(path, 0, e.reason) from None
+
+
 def numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, text) with strict UTF-8, streaming; a leading BOM is dropped."""
+    checked_file(path)
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             try:
@@ -56,6 +68,10 @@ def jsonl_records(path: Path) -> Iterator[tuple[int, object]]:
             yield n, json.loads(line)
         except json.JSONDecodeError as e:
             raise DatasetError(path, n, f"malformed JSON: {e.msg} (column {e.colno})") from None
+        except RecursionError:
+            raise DatasetError(
+                path, n, "JSON nested too deeply to read; a record is a few levels deep"
+            ) from None
 
 
 def csv_texts(path: Path, column: str) -> Iterator[tuple[int, str]]:

@@ -8,8 +8,23 @@ that assembles the whole model.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any
+
+from lora_course import limits
+
+# Integer fields that size an allocation: (lowest, highest, the config.json key that sets it).
+BOUNDS = {
+    "dim": (1, limits.MAX_DIM, "hidden_size"),
+    "n_layers": (1, limits.MAX_LAYERS, "num_hidden_layers"),
+    "hidden_dim": (1, limits.MAX_HIDDEN_DIM, "intermediate_size"),
+    "n_heads": (1, limits.MAX_HEADS, "num_attention_heads"),
+    "n_kv_heads": (1, limits.MAX_HEADS, "num_key_value_heads"),
+    "head_dim": (2, limits.MAX_HEAD_DIM, "head_dim"),
+    "vocab_size": (1, limits.MAX_VOCAB, "vocab_size"),
+    "max_position_embeddings": (1, limits.MAX_POSITIONS, "max_position_embeddings"),
+}
 
 
 @dataclass
@@ -33,10 +48,13 @@ class ModelArgs:
     quantization: dict | None = None  # {"group_size": g, "bits": b} once quantized
 
     def __post_init__(self):
+        for name in ("dim", "n_heads"):  # head_dim below divides by them
+            _check_bound(name, getattr(self, name))
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
             self.head_dim = self.dim // self.n_heads
+        check_model_args(self)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"ModelArgs: n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"
@@ -73,8 +91,8 @@ class ModelArgs:
         kwargs = {}
         for key, value in config.items():
             name = cls._ALIASES.get(key, key)
-            if name in known and value is not None:
-                kwargs[name] = value
+            if name in known and value is not None and not (name == "vocab_size" and value == -1):
+                kwargs[name] = value  # (Llama 1/2 params.json: vocab_size -1, read from the weights)
         if "hidden_dim" not in kwargs and "multiple_of" in config and "dim" in kwargs:
             kwargs["hidden_dim"] = _meta_hidden_dim(
                 kwargs["dim"], config["multiple_of"], config.get("ffn_dim_multiplier")
@@ -109,6 +127,53 @@ class ModelArgs:
         if self.quantization:
             d["quantization"] = dict(self.quantization)
         return d
+
+
+def _check_bound(name: str, value) -> None:
+    low, high, key = BOUNDS[name]
+    why = limits.int_in_range(value, f"{name} ({key})", low, high)
+    if why:
+        raise ValueError(f"ModelArgs: {why}")
+
+
+def check_model_args(args: ModelArgs) -> None:
+    """Types and ranges of every field (bounds in ``lora_course.limits``): a ValueError
+    naming the field and its config.json key. Run on every ModelArgs; a loader of another
+    format (GGUF) gets the same checks by building a ModelArgs."""
+    for name in BOUNDS:
+        _check_bound(name, getattr(args, name))
+    for name in ("norm_eps", "rope_theta"):
+        value = getattr(args, name)
+        if not (limits.is_number(value) and value > 0):
+            raise ValueError(f"ModelArgs: {name} must be a positive finite number, got {repr(value)[:60]}")
+    for name in ("rope_traditional", "tie_word_embeddings", "attention_bias", "mlp_bias"):
+        if not isinstance(getattr(args, name), bool):
+            raise ValueError(f"ModelArgs: {name} must be true or false, got {getattr(args, name)!r}")
+    for name in ("rope_scaling", "quantization"):
+        if getattr(args, name) is not None and not isinstance(getattr(args, name), dict):
+            raise ValueError(f"ModelArgs: {name} must be an object or null, got {getattr(args, name)!r}")
+    if args.head_dim % 2:
+        raise ValueError(f"ModelArgs: head_dim={args.head_dim} must be even (RoPE rotates pairs)")
+
+
+def parameter_bytes(args: ModelArgs) -> float:
+    """About how many bytes the weights take: 2 per parameter (16-bit floats), or
+    ``bits / 8`` plus the scales when quantized."""
+    attn = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads)
+    block = attn + 3 * args.dim * args.hidden_dim + 2 * args.dim
+    embed = args.vocab_size * args.dim * (1 if args.tie_word_embeddings else 2)
+    params = args.n_layers * block + embed + args.dim
+    q = args.quantization or {}
+    bits, group = q.get("bits"), q.get("group_size")
+    if limits.is_int(bits) and limits.is_int(group) and bits > 0 and group > 0:
+        return params * (bits / 8 + 4 / group)
+    return params * 2.0
+
+
+def memory_problem(args: ModelArgs) -> str | None:
+    """Why this model cannot fit in this machine's memory (None: it may)."""
+    n = math.ceil(parameter_bytes(args))
+    return limits.memory_problem(n, f"a {args.n_layers}-layer model of width {args.dim}")
 
 
 def _meta_hidden_dim(dim: int, multiple_of: int, multiplier: float | None) -> int:

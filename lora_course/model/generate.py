@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 
 import mlx.core as mx
 
+from lora_course import limits
 from lora_course.model.transformer import make_cache
 
 PREFILL_STEP = 512  # prompt tokens per forward pass while filling the cache
@@ -61,6 +62,47 @@ def sample(
     return mx.random.categorical(filter_logits(logits, temp, top_p, top_k), axis=-1, key=key)
 
 
+def check_sampling(max_tokens, temp, top_p, top_k, seed, names=None) -> None:
+    """Refuse settings that would sample garbage or be silently ignored. ``names`` maps a
+    parameter to how the caller spells it (``{"top_p": "--top-p"}``)."""
+    name = lambda key: (names or {}).get(key, key)  # noqa: E731
+    problems = [
+        (limits.is_int(max_tokens) and max_tokens >= 1, "max_tokens", "an integer >= 1", max_tokens),
+        (limits.is_number(temp) and temp >= 0, "temp", "a finite number >= 0 (0: greedy)", temp),
+        (limits.is_number(top_p) and 0 < top_p <= 1, "top_p", "a number in (0, 1] (1: off)", top_p),
+        (limits.is_int(top_k) and top_k >= 0, "top_k", "an integer >= 0 (0: off)", top_k),
+        (
+            seed is None or (limits.is_int(seed) and 0 <= seed <= limits.MAX_SEED),
+            "seed",
+            "an integer >= 0",
+            seed,
+        ),
+    ]
+    for ok, key, want, value in problems:
+        if not ok:
+            raise ValueError(f"generate: {name(key)} must be {want}, got {repr(value)[:60]}")
+
+
+def check_prompt(prompt, vocab_size: int | None) -> list[int]:
+    """The prompt as a list of ints, each a valid index into the embedding. MLX does not
+    bounds-check that lookup: an id past the vocabulary reads garbage or crashes."""
+    try:
+        ids = [int(t) for t in prompt]
+        if any(i != t for i, t in zip(ids, prompt)):
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError("generate: the prompt must be a list of integer token ids") from None
+    if not ids:
+        raise ValueError("generate: the prompt is empty (encode it with bos=True, or give some text)")
+    bad = next((i for i in ids if i < 0 or (vocab_size is not None and i >= vocab_size)), None)
+    if bad is not None:
+        raise ValueError(
+            f"generate: prompt token id {bad} is outside the model's vocabulary "
+            f"[0, {vocab_size}); was it encoded with another model's tokenizer?"
+        )
+    return ids
+
+
 def generate_tokens(
     model,
     prompt: list[int],
@@ -70,13 +112,18 @@ def generate_tokens(
     top_k: int = 0,
     seed: int | None = None,
 ) -> Iterator[int]:
-    """Yield up to ``max_tokens`` new token ids after ``prompt`` (a list of ids)."""
-    if len(prompt) == 0:
-        raise ValueError("generate: the prompt is empty (encode it with bos=True, or give some text)")
-    if temp < 0:
-        raise ValueError(f"generate: temp must be >= 0, got {temp}")
-    if temp > 0:
-        filter_logits(mx.zeros((1,)), temp, top_p, top_k)  # check the settings before we start
+    """Yield up to ``max_tokens`` new token ids after ``prompt`` (a list of ids).
+
+    The arguments are checked when it is called, before the first token is asked for.
+    """
+    check_sampling(max_tokens, temp, top_p, top_k, seed)
+    prompt = check_prompt(prompt, getattr(getattr(model, "args", None), "vocab_size", None))
+    return _decode(model, prompt, max_tokens, temp, top_p, top_k, seed)
+
+
+def _decode(
+    model, prompt: list[int], max_tokens: int, temp: float, top_p: float, top_k: int, seed
+) -> Iterator[int]:
     cache = make_cache(model)
     key = mx.random.key(seed) if seed is not None else None
 
@@ -174,6 +221,12 @@ def stream_generate(
 
     Stops after ``max_tokens`` tokens or at any of ``tokenizer.eos_ids`` (not yielded).
     """
+    vocab = getattr(getattr(model, "args", None), "vocab_size", None)
+    if vocab is not None and getattr(tokenizer, "vocab_size", 0) > vocab:  # any tokenizer kind
+        raise ValueError(
+            f"generate: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+            f"vocab_size is {vocab}; this tokenizer belongs to another model"
+        )
     ids = prompt_ids(tokenizer, prompt)
     tokens = generate_tokens(model, ids, max_tokens, temp, top_p, top_k, seed)
     at_start = tokenizer.decode(ids) == ""  # nothing before us: drop SentencePiece's dummy space

@@ -16,6 +16,7 @@ from lora_course.checkpoint.files import DEFAULT_SHARD_MB
 from lora_course.checkpoint.load import load
 from lora_course.data.docstrings import build_docstring_dataset
 from lora_course.model.generate import (
+    check_sampling,
     detokenize,
     generate_tokens,
     prompt_ids,
@@ -47,8 +48,10 @@ def add_generate_command(subparsers) -> None:
 
 
 def _generate_cli(args) -> int:
-    if args.num_tokens < 1 or args.write_every < 1:
-        raise ValueError("--num-tokens and --write-every must be at least 1")
+    if args.write_every < 1:
+        raise ValueError(f"--write-every must be at least 1, got {args.write_every}")
+    flags = {"max_tokens": "--num-tokens", "temp": "--temp", "top_p": "--top-p", "top_k": "--top-k"}
+    check_sampling(args.num_tokens, args.temp, args.top_p, args.top_k, args.seed, {**flags, "seed": "--seed"})
     model, tokenizer = load(args.model)
     if args.adapter_path:
         load_adapters(model, args.adapter_path)

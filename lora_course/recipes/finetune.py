@@ -23,11 +23,13 @@ import mlx.nn as nn
 
 from lora_course.adapters.apply import apply_lora, fuse
 from lora_course.adapters.files import load_adapters
+from lora_course.adapters.lora import check_hyper
 from lora_course.checkpoint.load import load
 from lora_course.checkpoint.save import save
 from lora_course.data.datasets import DatasetSplits, load_dataset
 from lora_course.model.generate import generate
 from lora_course.quant.layers import quantize_model
+from lora_course.quant.quantize import check_params
 from lora_course.training.args import TrainingArgs
 from lora_course.training.resume import STATE_FILE
 from lora_course.training.run import TrainingHistory
@@ -57,6 +59,9 @@ class FineTuneConfig(TrainingArgs):
             raise ValueError(f"fine_tune_type={self.fine_tune_type!r}: choose lora, dora or full")
         if self.dtype not in (None, "float32", "float16", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r}: choose float32, float16 or bfloat16 (or None)")
+        check_hyper(self.rank, self.alpha, self.dropout)  # rank within limits.MAX_RANK, before any work
+        if self.quantize:
+            check_params(self.q_group_size, self.q_bits)
 
 
 @dataclass

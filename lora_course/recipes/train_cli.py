@@ -19,8 +19,11 @@ import argparse
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import yaml
+
 from lora_course.adapters.files import load_adapters
 from lora_course.config import ConfigError, checked_fields
+from lora_course.limits import is_int, is_number
 from lora_course.recipes.finetune import (
     FineTuneConfig,
     finetune,
@@ -28,6 +31,7 @@ from lora_course.recipes.finetune import (
     load_model,
     prepare_base,
 )
+from lora_course.safe_io import InputError, load_yaml, read_text
 from lora_course.training.distributed import world
 from lora_course.training.evaluate import evaluate
 
@@ -148,17 +152,14 @@ _YAML_ALIASES = {"lora_layers": "num_layers", "adapter_file": "adapter_path"}
 
 def read_yaml_config(path) -> dict:
     """The YAML file as a flat dict of checked option names (values checked later)."""
-    import yaml
-
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such config file")
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such config file") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text; a config is a YAML file") from None
-    try:
-        raw = yaml.safe_load(text)
+        text = read_text(path)  # a regular file of bounded size
+        raw = load_yaml(text, path)  # SafeLoader, aliases and nesting bounded
+    except InputError as e:
+        raise ConfigError(str(e)) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f", line {mark.line + 1}" if mark is not None else ""
@@ -172,7 +173,15 @@ def read_yaml_config(path) -> dict:
         if key == "lora_parameters" and isinstance(value, dict):  # mlx-lm's nested form
             value = dict(value)
             if "scale" in value and "alpha" not in value:
-                value["alpha"] = value.pop("scale") * value.get("rank", FineTuneConfig.rank)
+                scale, rank = value.pop("scale"), value.get("rank", FineTuneConfig.rank)
+                if not (is_number(scale) and is_int(rank)):
+                    line = _line_of(text, "scale")
+                    raise ConfigError(
+                        f"{path}{f', line {line}' if line else ''}: lora_parameters 'scale' must be a "
+                        f"number and 'rank' an integer, got {repr(scale)[:60]} and {repr(rank)[:60]}",
+                        key="scale",
+                    )
+                value["alpha"] = scale * rank
             flat.update(value)
         else:
             flat[_YAML_ALIASES.get(key, key)] = value
@@ -188,8 +197,6 @@ def read_yaml_config(path) -> dict:
 
 def _line_of(text: str, key) -> int | None:
     """1-based line of ``key`` in a YAML mapping (top level or inside lora_parameters)."""
-    import yaml
-
     try:
         root = yaml.compose(text)
     except yaml.YAMLError:
@@ -210,7 +217,13 @@ def build_config(args: argparse.Namespace) -> TrainCommandConfig:
     merged = read_yaml_config(args.config) if args.config else {}
     names = {f.name for f in fields(TrainCommandConfig)}
     merged.update({k: v for k, v in vars(args).items() if k in names and v is not None})
-    return TrainCommandConfig.from_dict(merged, source=args.config or "command line")
+    source = args.config or "command line"
+    try:
+        return TrainCommandConfig.from_dict(merged, source=source)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a value of the right type out of range: name where it came from
+        raise ConfigError(f"{source}: {e}") from None
 
 
 def run_train_command(args: argparse.Namespace) -> int:

@@ -1,8 +1,10 @@
-"""What every tokenizer shares: its error type, and chat templates read and rendered safely.
+"""What every tokenizer shares: its error type, safe reads, and chat templates rendered safely.
 
 A chat template is Jinja code written by a checkpoint's author and shipped beside its
 weights (``chat_template.jinja`` or ``tokenizer_config.json``). It is untrusted, so it
-renders in Jinja's sandbox with bounded time and output. Taught in notebook 04.
+renders in Jinja's ``ImmutableSandboxedEnvironment`` within ``limits.TEMPLATE_SECONDS``
+and ``limits.TEMPLATE_CHARS`` of output. Tokenizer files are read only when they are
+regular files of bounded size (``safe_io``). Taught in notebook 04.
 """
 
 from __future__ import annotations
@@ -16,65 +18,85 @@ from pathlib import Path
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from lora_course import safe_io
+from lora_course.limits import MAX_TOKENIZER_BYTES, TEMPLATE_CHARS, TEMPLATE_SECONDS
+
 
 class TokenizerError(ValueError):
     """A tokenizer file that cannot be used; the message names the file."""
 
 
+def read_file(path: Path) -> bytes:
+    """A tokenizer file's bytes: a regular file of bounded size (never /dev/zero or a FIFO)."""
+    try:
+        return safe_io.read_bytes(path, MAX_TOKENIZER_BYTES)
+    except safe_io.InputError as e:
+        raise TokenizerError(str(e)) from None
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON object from ``path`` (bounded, depth-capped), or {} if the file is absent."""
+    if not path.exists():
+        return {}
+    try:
+        return safe_io.read_json_object(path)
+    except safe_io.InputError as e:
+        raise TokenizerError(str(e)) from None
+
+
 def read_chat_template(folder: Path) -> str | None:
-    """A chat template stored beside the model: chat_template.jinja or tokenizer_config.json."""
-    jinja = folder / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    config = folder / "tokenizer_config.json"
-    if config.is_file():
-        try:
-            template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
-        except (ValueError, AttributeError) as e:
-            raise TokenizerError(f"{config}: not a JSON object ({e})") from None
-        if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            template = named.get("default")
-        return template if isinstance(template, str) else None
-    return None
+    """A chat template stored beside the model: chat_template.jinja or tokenizer_config.json
+    (a string, or named templates ``[{"name", "template"}]`` of which "default" is used)."""
+    jinja, config = folder / "chat_template.jinja", folder / "tokenizer_config.json"
+    try:
+        if jinja.exists():
+            return safe_io.read_text(jinja)
+    except safe_io.InputError as e:
+        raise TokenizerError(str(e)) from None
+    template = read_json_object(config).get("chat_template")
+    if isinstance(template, list):
+        if not all(isinstance(t, dict) and isinstance(t.get("template"), str) for t in template):
+            raise TokenizerError(
+                f"{config}: key 'chat_template' must be a string or a list of {{'name', 'template'}} objects"
+            )
+        template = {t.get("name"): t["template"] for t in template}.get("default")
+    if template is not None and not isinstance(template, str):
+        raise TokenizerError(f"{config}: key 'chat_template' must be a string, got {type(template).__name__}")
+    return template
 
 
-# Bounds on one chat-template rendering: a template is code from the checkpoint's author.
-TEMPLATE_SECONDS = 1.0
+class _Bounded(ImmutableSandboxedEnvironment):
+    # "x" * 10**9 or 10 ** 10**6 would take the memory or the time in one step
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "**" and isinstance(right, int) and abs(right) > 64:
+            raise TokenizerError(f"chat template: exponent {right} is too large")
+        if operator == "*" and any(isinstance(x, int) and abs(x) > TEMPLATE_CHARS for x in (left, right)):
+            raise TokenizerError("chat template: repeats something too many times")
+        return super().call_binop(context, operator, left, right)
 
 
-TEMPLATE_CHARS = 16_000_000
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # transformers' tojson keeps non-ASCII text as it is (Jinja's own escapes it)
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
-def render_chat_template(template: str, source: str, **variables) -> str:
+def render_chat_template(template: str, source: str = "chat template", **variables) -> str:
     """Render a Jinja chat template in a sandbox with bounded time and output.
 
-    The environment is the one Hugging Face's ``apply_chat_template`` documents: an
-    ``ImmutableSandboxedEnvironment`` with ``trim_blocks``/``lstrip_blocks``, ``break`` and
-    ``continue``, ``raise_exception``, ``strftime_now`` and a ``tojson`` that keeps
-    non-ASCII text. Any failure is one ``TokenizerError`` line naming ``source``.
+    The environment is the one Hugging Face's ``apply_chat_template`` documents:
+    ``trim_blocks``/``lstrip_blocks``, ``break`` and ``continue``, ``raise_exception``,
+    ``strftime_now`` and a ``tojson`` that keeps non-ASCII text. Any failure (a Jinja
+    error, ``raise_exception``, a limit, an error inside the template's own code) is one
+    ``TokenizerError`` line naming ``source``.
     """
-
-    class Bounded(ImmutableSandboxedEnvironment):
-        intercepted_binops = frozenset({"*", "**"})
-
-        def call_binop(self, context, operator, left, right):
-            if operator == "**" and isinstance(right, int) and abs(right) > 64:
-                raise TokenizerError(f"{source}: chat template: exponent {right} is too large")
-            if operator == "*" and any(isinstance(x, int) and abs(x) > TEMPLATE_CHARS for x in (left, right)):
-                raise TokenizerError(f"{source}: chat template: repeats something too many times")
-            return super().call_binop(context, operator, left, right)
 
     def raise_exception(message):
         raise TokenizerError(f"{source}: chat template: {message}")
 
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(
-            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-        )
-
-    env = Bounded(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = tojson
+    env = _Bounded(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
     deadline = time.monotonic() + TEMPLATE_SECONDS
@@ -96,23 +118,16 @@ def render_chat_template(template: str, source: str, **variables) -> str:
             chunks.append(chunk)
             size += len(chunk)
             if size > TEMPLATE_CHARS:
-                raise TokenizerError(f"{source}: chat template wrote more than {TEMPLATE_CHARS} characters")
+                raise TokenizerError(f"{source}: chat template wrote more than {TEMPLATE_CHARS:,} characters")
     except TemplateError as e:
         where = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
         raise TokenizerError(f"{source}: chat template{where}: {e.message or type(e).__name__}") from None
+    except TokenizerError as e:
+        msg = str(e)
+        raise TokenizerError(msg if msg.startswith(source) else f"{source}: {msg}") from None
+    except Exception as e:  # noqa: BLE001  (TypeError, RecursionError ... from the template's code)
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise TokenizerError(f"{source}: chat template failed ({type(e).__name__}: {reason})") from None
     finally:
         sys.settrace(previous)
     return "".join(chunks)
-
-
-def read_json_object(path: Path) -> dict:
-    """A JSON object from ``path``, or {} if the file is absent."""
-    if not path.is_file():
-        return {}
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise TokenizerError(f"{path}: expected a JSON object, got {type(obj).__name__}")
-    return obj

@@ -21,7 +21,13 @@ from tokenizers import Tokenizer as RustTokenizer
 from tokenizers.decoders import DecodeStream
 
 from lora_course import atomic
-from lora_course.tokenizer.base import TokenizerError, read_json_object, render_chat_template
+from lora_course.tokenizer.base import (
+    TokenizerError,
+    read_chat_template,
+    read_file,
+    read_json_object,
+    render_chat_template,
+)
 
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
@@ -61,7 +67,7 @@ class HFTokenizer:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: tokenizer file not found")
         try:
-            self._tok = RustTokenizer.from_str(path.read_text(encoding="utf-8"))
+            self._tok = RustTokenizer.from_str(read_file(path).decode("utf-8"))
         except Exception as e:  # the Rust parser's message names the JSON field and column
             raise TokenizerError(
                 f"{path}: not a Hugging Face tokenizer.json ({str(e).splitlines()[0]})"
@@ -73,7 +79,7 @@ class HFTokenizer:
             read_json_object(folder / "generation_config.json"),
             read_json_object(folder / "special_tokens_map.json"),
         )
-        self.chat_template = self._read_template(folder, config_path)
+        self.chat_template = read_chat_template(folder)
 
     @classmethod
     def from_tokenizer(
@@ -147,25 +153,6 @@ class HFTokenizer:
         ):
             raise TokenizerError(f"{gen_path}: key 'eos_token_id' must be an integer or a list of integers")
         self._eos_ids = tuple(dict.fromkeys(ids + list(declared or [])))
-
-    @staticmethod
-    def _read_template(folder: Path, config_path: Path) -> str | None:
-        jinja = folder / "chat_template.jinja"
-        if jinja.is_file():
-            return jinja.read_text(encoding="utf-8")
-        template = read_json_object(config_path).get("chat_template")
-        if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
-            if not all(isinstance(t, dict) and isinstance(t.get("template"), str) for t in template):
-                raise TokenizerError(
-                    f"{config_path}: key 'chat_template' must be a string or a list of "
-                    "{'name', 'template'} objects"
-                )
-            template = {t.get("name"): t["template"] for t in template}.get("default")
-        if template is not None and not isinstance(template, str):
-            raise TokenizerError(
-                f"{config_path}: key 'chat_template' must be a string, got {type(template).__name__}"
-            )
-        return template
 
     # -- ids and sizes
     @property

@@ -20,7 +20,7 @@ import numpy as np
 import sentencepiece as spm
 
 from lora_course import atomic
-from lora_course.tokenizer.base import TokenizerError, read_chat_template, render_chat_template
+from lora_course.tokenizer.base import TokenizerError, read_chat_template, read_file, render_chat_template
 
 SPACE = "\u2581"  # "▁": how SentencePiece writes a space inside a piece
 
@@ -45,7 +45,7 @@ class Tokenizer:
                 )
         if not path.is_file():
             raise FileNotFoundError(f"{path}: tokenizer file not found")
-        self._load(path.read_bytes(), str(path))
+        self._load(read_file(path), str(path))
         self.path = path
         self.chat_template = chat_template or read_chat_template(path.parent)
 
@@ -82,8 +82,7 @@ class Tokenizer:
 
     # -- ids and sizes
     @property
-    def sp(self) -> spm.SentencePieceProcessor:
-        """The underlying ``SentencePieceProcessor``."""
+    def sp(self) -> spm.SentencePieceProcessor:  # the underlying SentencePieceProcessor
         return self._sp
 
     @property
@@ -249,13 +248,14 @@ class Tokenizer:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
             return text + ("assistant: " if add_generation_prompt else "")
         piece = lambda i: self.id_to_piece(i) if i is not None else ""  # noqa: E731
+        where = str(self.path.parent) if self.path else "<bytes>"  # (base.py: sandbox, limits)
         return render_chat_template(
             self.chat_template,
-            str(self.path or "<bytes>"),
+            where,
             messages=messages,
-            add_generation_prompt=add_generation_prompt,
             bos_token=piece(self.bos_id),
             eos_token=piece(self.eos_id),
+            add_generation_prompt=add_generation_prompt,
         )
 
     # -- disk

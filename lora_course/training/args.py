@@ -6,9 +6,11 @@ fails on unknown keys and wrong types (``lora_course.config``). Taught in notebo
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import reprlib
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from lora_course import limits
 from lora_course.config import checked_fields
 from lora_course.training.schedules import OPTIMIZERS, SCHEDULES
 
@@ -40,7 +42,25 @@ class TrainingArgs:
     def __post_init__(self):
         def need(ok, key, what):
             if not ok:
-                raise ValueError(f"{key}={getattr(self, key)!r}: {what}")
+                raise ValueError(f"{key}={reprlib.repr(getattr(self, key))}: {what}")
+
+        # Types first (a dataclass built directly is not checked by from_dict), then ranges.
+        for f in fields(self):
+            value, kind = getattr(self, f.name), str(f.type)
+            optional = "None" in kind and value is None
+            if kind.startswith("int") and not optional:
+                need(limits.is_int(value), f.name, "must be an integer")
+            elif kind.startswith("float") and not optional:
+                need(limits.is_number(value), f.name, "must be a finite number")
+            elif kind == "bool":
+                need(isinstance(value, bool), f.name, "must be true or false")
+        need(
+            self.max_seq_length <= limits.MAX_SEQ_LENGTH,
+            "max_seq_length",
+            f"is above {limits.MAX_SEQ_LENGTH}",
+        )
+        need(self.batch_size <= limits.MAX_BATCH, "batch_size", f"is above {limits.MAX_BATCH}")
+        need(self.seed <= limits.MAX_SEED, "seed", "must fit in 63 bits")
 
         for key in ("batch_size", "grad_accumulation_steps", "steps_per_report", "max_seq_length"):
             need(getattr(self, key) >= 1, key, "must be at least 1")

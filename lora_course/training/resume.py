@@ -34,6 +34,8 @@ from lora_course.atomic import (
 from lora_course.atomic import (
     save_safetensors as atomic_save_safetensors,  # this module's writes: one name
 )
+from lora_course.limits import is_int, is_number
+from lora_course.safe_io import InputError, check_safetensors
 from lora_course.tree import tree_flatten, tree_unflatten
 
 STATE_FILE = "training_state.safetensors"
@@ -112,16 +114,61 @@ def load_training_state(directory):
             f"nothing to resume: {str(path)!r} does not exist (a run writes it at every checkpoint)"
         )
     try:
+        check_safetensors(path)
         arrays, metadata = mx.load(str(path), return_metadata=True)
         meta = json.loads(metadata[_STATE_KEY])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise ValueError(f"{str(path)!r} is not a lora_course training state ({e})") from e
+    except InputError as e:
+        raise ValueError(str(e)) from None
+    except (RuntimeError, ValueError, KeyError, RecursionError) as e:
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: not a lora_course training state ({reason})") from None
+    check_state(path, arrays, meta)
     params = {k[len("params.") :]: v for k, v in arrays.items() if k.startswith("params.")}
     opt = tree_unflatten(
         [(k[len("optimizer.") :], v) for k, v in arrays.items() if k.startswith("optimizer.")]
     )
     best = {k[len("best.") :]: v for k, v in arrays.items() if k.startswith("best.")}
     return params, opt, meta, best
+
+
+# What the trainer reads back from the metadata, and what each must hold.
+META_KEYS = {
+    "step": "count",
+    "micro_batches": "count",
+    "trained_tokens": "count",
+    "evals_without_improvement": "count",
+    "best_val_loss": "number or null",
+    "best_step": "count or null",
+    "args": "object",
+}
+
+
+def check_state(path, arrays: dict, meta) -> None:
+    """A training state must be complete and sound: every metadata key, finite float tensors."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: the training-state metadata is not a JSON object")
+    for key, kind in META_KEYS.items():
+        value = meta.get(key)
+        ok = {
+            "count": is_int(value) and value >= 0,
+            "number or null": value is None or is_number(value),
+            "count or null": value is None or (is_int(value) and value >= 0),
+            "object": isinstance(value, dict),
+        }[kind]
+        if key not in meta or not ok:
+            got = "missing" if key not in meta else f"got {repr(value)[:60]}"
+            raise ValueError(
+                f"{path}: training-state key '{key}' must be a {kind} ({got}); the state is incomplete"
+            )
+    if not any(k.startswith("params.") for k in arrays):
+        raise ValueError(f"{path}: the training state holds no parameters (params.*)")
+    for name, value in arrays.items():
+        if name.startswith(("params.", "best.")) and value.dtype not in (mx.float16, mx.bfloat16, mx.float32):
+            raise ValueError(
+                f"{path}: tensor '{name}' has dtype {str(value.dtype).split('.')[-1]}, not a float"
+            )
+        if mx.issubdtype(value.dtype, mx.floating) and not mx.all(mx.isfinite(value)).item():
+            raise ValueError(f"{path}: tensor '{name}' holds NaN or inf; this state cannot be resumed")
 
 
 def restore_training_state(model: nn.Module, optimizer, params: dict, opt_state: dict, where) -> None:
@@ -141,6 +188,17 @@ def restore_training_state(model: nn.Module, optimizer, params: dict, opt_state:
             raise ValueError(
                 f"{where}: tensor {k!r} has shape {tuple(v.shape)} but the model expects "
                 f"{tuple(current[k].shape)}; resume with the same LoRA rank"
+            )
+    saved = dict(tree_flatten(opt_state))
+    for k, v in tree_flatten(optimizer.state):  # every moment and counter the optimizer keeps
+        if k not in saved:
+            raise ValueError(
+                f"{where}: the saved optimizer state lacks '{k}'; resuming without it would "
+                "silently change the run (resume with the same optimizer, or start afresh)"
+            )
+        if saved[k].shape != v.shape:
+            raise ValueError(
+                f"{where}: optimizer state '{k}' has shape {tuple(saved[k].shape)}, expected {tuple(v.shape)}"
             )
     model.update(tree_unflatten(list(params.items())))
     # Merged in place: the saved tree lacks the empty entries of frozen modules, and a

@@ -62,6 +62,19 @@ def call_hooks(callbacks, hook: str, info: dict) -> None:
             fn(info)
 
 
+def loss_tokens(dataset, max_seq_length: int) -> int:
+    """Target tokens carrying loss in ``dataset`` (a TokenizedDataset, or (tokens, mask) pairs)."""
+    if hasattr(dataset, "loss_tokens"):
+        return dataset.loss_tokens(max_seq_length)
+    total = 0
+    for i in range(len(dataset)):
+        item = dataset[i]
+        tokens, mask = item if isinstance(item, tuple) else (item, None)
+        n = min(len(tokens), max_seq_length)
+        total += max(n - 1, 0) if mask is None else int(sum(mask[1:n]))
+    return total
+
+
 def count_iterations(model: nn.Module, train_set, args: TrainingArgs, world_size: int) -> tuple[int, int]:
     """Check what the run is given, before any work: -> (optimizer steps, batches per epoch)."""
     if train_set is None or len(train_set) == 0:
@@ -77,6 +90,12 @@ def count_iterations(model: nn.Module, train_set, args: TrainingArgs, world_size
         raise ValueError(f"batch_size={args.batch_size} must be divisible by the {world_size} processes")
     if not tree_flatten(model.trainable_parameters()):
         raise ValueError("train: the model has no trainable parameters; call apply_lora(model, ...) first")
+    if loss_tokens(train_set, args.max_seq_length) == 0:  # the run would report loss 0 and learn nothing
+        raise ValueError(
+            f"train: no token of the training set carries loss within max_seq_length="
+            f"{args.max_seq_length} (with mask_prompt, every completion starts after the cut); "
+            "raise max_seq_length or shorten the prompts"
+        )
     per_epoch = len(train_set) // args.batch_size
     if args.epochs is None:
         return args.iters, per_epoch
@@ -114,7 +133,7 @@ class Run:
     def resume(self, resume: bool | str) -> None:
         """Continue from a training state: ``True`` means the run's own adapter_path."""
         src = self.out if resume is True else Path(resume)
-        params, opt_state, meta, best = ckpt.load_training_state(src)
+        params, opt_state, meta, best = ckpt.load_training_state(src)  # complete and finite, or refused
         ckpt.restore_training_state(self.model, self.optimizer, params, opt_state, src)
         self.step, self.micro, self.trained_tokens = (
             meta["step"],
@@ -142,6 +161,9 @@ class Run:
         arrays = ckpt.trainable_arrays(self.model)
         if not all(mx.all(mx.isfinite(a)).item() for a in arrays.values()):
             self.diverged("a trainable parameter is NaN/inf")
+        moments = [v for _, v in tree_flatten(self.optimizer.state) if mx.issubdtype(v.dtype, mx.floating)]
+        if not all(mx.all(mx.isfinite(v)).item() for v in moments):  # a checkpoint must be resumable
+            self.diverged("an optimizer moment is NaN/inf")
         meta = dict(
             step=self.step,
             micro_batches=self.micro,
@@ -162,12 +184,15 @@ class Run:
     def diverged(self, what: str):
         msg = f"training diverged at step {self.step}: {what}."
         if self.last_good is not None and (self.out / ckpt.STATE_FILE).exists():
-            params, opt_state, _, _ = ckpt.load_training_state(self.out)
-            ckpt.restore_training_state(self.model, self.optimizer, params, opt_state, self.out)
-            msg += (
-                f" The last good checkpoint (step {self.last_good}) in {self.out}/ is intact "
-                "and was loaded back."
-            )
+            try:  # checked on load: complete and finite, or a ValueError saying why
+                params, opt_state, _, _ = ckpt.load_training_state(self.out)
+                ckpt.restore_training_state(self.model, self.optimizer, params, opt_state, self.out)
+                msg += (
+                    f" The last good checkpoint (step {self.last_good}) in {self.out}/ is intact "
+                    "and was loaded back."
+                )
+            except ValueError as e:
+                msg += f" The checkpoint in {self.out}/ could not be restored either ({e})."
         else:
             msg += " No checkpoint had been written yet."
         msg += (
