@@ -288,3 +288,40 @@ def test_qwen2_sliding_window_is_refused_in_one_line(folders, tmp_path, capsys):
     assert main(["generate", "--model", str(bad), "-p", "hi", "-n", "2"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "config.json: use_sliding_window: true" in err, err
+
+
+@pytest.mark.parametrize("theta,context", [(5e5, 8192), (1e4, 64), (1e4, 4)])
+def test_llama3_scaling_survives_gguf_whatever_the_blend(tmp_path, theta, context):
+    """Zero, one or several blended frequencies: the divisors read back are the ones written."""
+    from lora_course.model.rope import llama3_factors
+
+    scaling = {**LLAMA3_ROPE, "original_max_position_embeddings": context}
+    args = lc.ModelArgs(dim=64, n_layers=1, hidden_dim=64, n_heads=4, vocab_size=64, rope_theta=theta)
+    args.rope_scaling = scaling
+    model = lc.Model(args)
+    back, _ = lc.load(lc.save(model, None, tmp_path / "m.gguf", format="gguf", gguf_type="f32"))
+    np.testing.assert_allclose(
+        llama3_factors(16, theta, back.args.rope_scaling), llama3_factors(16, theta, scaling), rtol=1e-6
+    )
+    ids = [[1, 2, 3, 4, 5, 6, 7, 8]]
+    assert np.abs(our_logits(back, ids) - our_logits(model, ids)).max() < 1e-5
+
+
+def test_meta_params_use_scaled_rope():
+    args = lc.ModelArgs.from_dict(
+        {
+            "dim": 64,
+            "n_layers": 2,
+            "n_heads": 4,
+            "vocab_size": 100,
+            "multiple_of": 32,
+            "use_scaled_rope": True,
+        }
+    )
+    assert args.rope_scaling == {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }

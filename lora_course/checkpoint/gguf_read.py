@@ -197,9 +197,12 @@ def llama3_from_factors(path: Path, factors: list[float], args: ModelArgs, metad
     else:
         hi = min(kept) if kept else max(u) * 2
         lo = max(slow) if slow else min(u) / 2
-        if blend:
+        if blend:  # one blended point: slide along its line until both boundaries fit
             ((u1, s1),) = blend
             lo = (u1 - s1 * hi) / (1 - s1)
+            if slow and lo < max(slow):
+                lo = max(slow)
+                hi = lo + (u1 - lo) / s1
     scaling = {
         "rope_type": "llama3",
         "factor": factor,

@@ -20,6 +20,15 @@ ROPE_KEYS = {
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
 }
 
+# Meta's params.json says only "use_scaled_rope": true; these are the constants of Meta's code
+# (the factor may be given as "rope_scaling_factor").
+META_SCALED_ROPE = {
+    "rope_type": "llama3",
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
 
 @dataclass
 class ModelArgs:
@@ -120,6 +129,10 @@ class ModelArgs:
         if "model_type" not in config and "dim" in config and "n_layers" in config:
             # A Meta params.json: its weights rotate interleaved pairs.
             kwargs.setdefault("rope_traditional", True)
+            if config.get("use_scaled_rope") and "rope_scaling" not in kwargs:  # Llama 3.1+ originals
+                kwargs["rope_scaling"] = dict(
+                    META_SCALED_ROPE, factor=config.get("rope_scaling_factor") or 8.0
+                )
         return cls(**kwargs)
 
     def to_hf_dict(self) -> dict[str, Any]:
