@@ -49,7 +49,8 @@ from lora_course import (
 )
 from lora_course.config import ConfigError
 from lora_course.recipes.cli import main
-from lora_course.tokenizer.spm import Tokenizer, TokenizerError
+from lora_course.tokenizer.base import TokenizerError
+from lora_course.tokenizer.spm import Tokenizer
 from lora_course.training.evaluate import loss
 from lora_course.training.run import TrainingDivergedError
 
@@ -933,7 +934,15 @@ CONFIG_CASES = {
     "tie_string": ({"tie_word_embeddings": "yes"}, ["tie_word_embeddings"]),
     "model_type_number": ({"model_type": 5}, ["model_type"]),
     "rope_scaling_list": ({"rope_scaling": [1, 2]}, ["rope_scaling"]),
-    "rope_factor_null": ({"rope_scaling": {"type": "linear", "factor": None}}, ["rope_scaling", "factor"]),
+    # an older file: rope_scaling alone (when rope_parameters is there too, it wins)
+    "rope_factor_null": (
+        {"rope_scaling": {"type": "linear", "factor": None}, "rope_parameters": None},
+        ["rope_scaling", "factor"],
+    ),
+    "rope_parameters_factor_null": (
+        {"rope_parameters": {"rope_type": "linear", "factor": None, "rope_theta": 1e4}},
+        ["rope_scaling", "factor"],
+    ),
     "more_than_memory": (
         {
             "hidden_size": 65536,

@@ -132,8 +132,8 @@ def good(tiny_model):
     "spoil,message",
     [
         (
-            lambda t, m: m.update({"general.architecture": "qwen2"}),
-            "architecture 'qwen2' .key 'general.architecture'. is not supported",
+            lambda t, m: m.update({"general.architecture": "gemma2"}),
+            "architecture 'gemma2' .key 'general.architecture'. is not supported",
         ),
         (lambda t, m: m.pop("general.architecture"), "missing metadata key 'general.architecture'"),
         (lambda t, m: m.pop("llama.block_count"), "missing metadata key 'llama.block_count'"),

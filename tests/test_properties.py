@@ -249,7 +249,7 @@ from lora_course.checkpoint.files import mx_load  # noqa: E402
 from lora_course.data.datasets import load_dataset  # noqa: E402
 from lora_course.data.records import DatasetError  # noqa: E402
 from lora_course.recipes.train_cli import read_yaml_config  # noqa: E402
-from lora_course.tokenizer.spm import train_tokenizer  # noqa: E402
+from lora_course.tokenizer.train import train_tokenizer  # noqa: E402
 
 YAML_KEYS = ["iters", "rank", "learning_rate", "keys", "lora_parameters", "scale", "seed", "lerning_rate"]
 yaml_scalars = st.sampled_from(

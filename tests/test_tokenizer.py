@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_course import Tokenizer, train_tokenizer
-from lora_course.tokenizer.spm import TokenizerError
+from lora_course.tokenizer.base import TokenizerError
 
 WORDS = (
     "the a of model layer token weight rank alpha train loss data batch "

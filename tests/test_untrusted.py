@@ -42,7 +42,8 @@ from lora_course import (
     train,
     train_tokenizer,
 )
-from lora_course.tokenizer.spm import Tokenizer, TokenizerError
+from lora_course.tokenizer.base import TokenizerError
+from lora_course.tokenizer.spm import Tokenizer
 from lora_course.training import resume as ckpt
 
 PACKAGE = Path(lora_course.__file__).parent

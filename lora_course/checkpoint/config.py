@@ -12,7 +12,7 @@ from pathlib import Path
 from lora_course.checkpoint.files import CheckpointError, detect_format, read_json
 from lora_course.model.args import ModelArgs, memory_problem
 
-SUPPORTED_TYPES = ("llama", "mistral")
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2")  # one architecture, switched by ModelArgs' fields
 
 
 # HF config.json keys without which the model cannot be built (ModelArgs' defaults are 7B's).
@@ -42,6 +42,7 @@ OPTIONAL = {
     "attention_bias": "bool",
     "mlp_bias": "bool",
     "rope_scaling": "dict",
+    "sliding_window": "int",
     "rope_parameters": "dict",
 }
 
@@ -58,15 +59,9 @@ def read_config(folder: Path) -> ModelArgs:
         if key != "model_type" and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
             raise CheckpointError(f"{path}: key '{key}' must be a positive integer, got {value!r}")
     if fmt == "hf":
-        if config["model_type"] not in SUPPORTED_TYPES:
-            raise CheckpointError(
-                f"{path}: model_type '{config['model_type']}' is not supported; "
-                f"lora_course reads {' and '.join(SUPPORTED_TYPES)} checkpoints"
-            )
-        if config.get("hidden_act", "silu") != "silu":
-            raise CheckpointError(
-                f"{path}: hidden_act '{config['hidden_act']}' is not supported (Llama and Mistral use 'silu')"
-            )
+        unsupported = _unsupported(config)
+        if unsupported:
+            raise CheckpointError(f"{path}: {unsupported}")
     elif "sliding_window" in config:
         config.setdefault("model_type", "mistral")
     _check_optional(path, config)
@@ -92,6 +87,29 @@ def read_config(folder: Path) -> ModelArgs:
     return args
 
 
+def _unsupported(config: dict) -> str | None:
+    """What in an HF config.json this architecture cannot compute, in a few words, or None."""
+    kind = config["model_type"]
+    if kind not in SUPPORTED_TYPES:
+        return f"model_type {kind!r} is not supported (lora_course reads {', '.join(SUPPORTED_TYPES)})"
+    act = config.get("hidden_act", "silu")
+    if act != "silu":
+        return f"hidden_act {act!r} is not supported (lora_course's feed-forward is SwiGLU: 'silu')"
+    if kind == "qwen2" and config.get("use_sliding_window"):
+        return "use_sliding_window: true (Qwen2's per-layer window) is not supported"
+    layer_types = config.get("layer_types")
+    others = set(map(str, layer_types)) - {"full_attention"} if isinstance(layer_types, list) else set()
+    if kind != "mistral" and others:
+        other = sorted(others)[0]
+        return f"layer_types {other!r} is not supported (only 'full_attention' layers)"
+    for place in ("rope_parameters", "rope_scaling"):
+        rope = config.get(place)
+        partial = rope.get("partial_rotary_factor", 1.0) if isinstance(rope, dict) else 1.0
+        if partial != 1.0:
+            return f"{place}.partial_rotary_factor {partial!r} is not supported (RoPE on every feature)"
+    return None
+
+
 def _check_optional(path: Path, config: dict) -> None:
     """Wrong types in optional keys fail here, naming the key, not deep inside the model."""
     wants = {
@@ -113,14 +131,10 @@ def _check_optional(path: Path, config: dict) -> None:
         }[kind]
         if not ok:
             raise CheckpointError(f"{path}: key '{key}' must be {wants[kind]}, got {repr(value)[:60]}")
-    scaling = config.get("rope_scaling") or {}
-    factor = scaling.get("factor")
-    if scaling.get("type", scaling.get("rope_type")) == "linear" and not (
-        isinstance(factor, (int, float))
-        and not isinstance(factor, bool)
-        and math.isfinite(factor)
-        and factor > 0
+    theta = (config.get("rope_parameters") or {}).get("rope_theta")
+    if theta is not None and not (
+        isinstance(theta, (int, float)) and not isinstance(theta, bool) and math.isfinite(theta) and theta > 0
     ):
         raise CheckpointError(
-            f"{path}: key 'rope_scaling' of type linear needs a positive 'factor', got {repr(factor)[:60]}"
+            f"{path}: key 'rope_parameters.rope_theta' must be a positive number, got {theta!r}"
         )

@@ -22,12 +22,17 @@ triples in its own affine layout with groups of 32 (Q4_0's ``d * (q - 8)`` is sc
 MLX turns Q2_K, Q4_K, Q6_K and BF16 into float16 as it loads; we warn when that happens.
 Other types (Q5_0, Q3_K, IQ*, ...) MLX cannot read at all; the error says so.
 
-The architecture comes from the ``llama.*`` keys (Mistral's GGUFs say ``llama`` too).
-Taught in notebook 04 (checkpoints, tokenizers and sampling).
+The architecture comes from the ``llama.*`` keys (Mistral's GGUFs say ``llama`` too) or the
+``qwen2.*`` keys: Qwen2 has q/k/v biases and llama.cpp rotates its halves as HF does, so
+its q/k rows are stored unpermuted. Llama 3.1's RoPE scaling is stored by llama.cpp as the
+``rope_freqs`` tensor, one divisor per frequency; :func:`llama3_from_factors` finds the
+``llama3`` settings that give exactly those divisors (or refuses).
+Taught in notebook 04 (checkpoints, tokenizers and sampling) and 15 (bring your own model).
 """
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from pathlib import Path
@@ -46,6 +51,7 @@ from lora_course.checkpoint.gguf_header import (
 from lora_course.checkpoint.meta import interleaved_to_halves
 from lora_course.checkpoint.weights import load_weights
 from lora_course.model.args import ModelArgs
+from lora_course.model.rope import llama3_factors
 from lora_course.model.transformer import Model
 from lora_course.quant.layers import use_dequant_layers
 from lora_course.tokenizer.gguf import tokenizer_from_gguf
@@ -65,8 +71,9 @@ GGUF_BLOCK = {  # inside blk.N -> inside model.layers.N
     "ffn_norm": "post_attention_layernorm",
 }
 GGUF_NAME = re.compile(r"(?:blk\.(\d+)\.)?(\w+)\.(weight|bias)")
-IGNORED = re.compile(r"^rope_freqs\.weight$")  # llama 3.1's precomputed RoPE factors: not supported
-SUPPORTED_ARCH = ("llama",)
+ROPE_FREQS = "rope_freqs.weight"  # llama 3.1's per-frequency RoPE divisors, read as rope_scaling
+SUPPORTED_ARCH = ("llama", "qwen2")
+PERMUTED_QK = ("llama",)  # architectures whose q/k rows llama.cpp stores in interleaved RoPE order
 REQUIRED = ("embedding_length", "block_count", "attention.head_count", "feed_forward_length")
 
 
@@ -110,7 +117,7 @@ def gguf_args(path, metadata: dict, tensors: dict) -> ModelArgs:
     if arch not in SUPPORTED_ARCH:
         raise CheckpointError(
             f"{path}: architecture '{arch}' (key 'general.architecture') is not "
-            "supported; lora_course reads llama GGUFs (Llama and Mistral)"
+            f"supported (lora_course reads {', '.join(SUPPORTED_ARCH)})"
         )
     a = f"{arch}."
     dim, layers, heads, hidden = (_get(path, metadata, a + k, int) for k in REQUIRED)
@@ -145,7 +152,11 @@ def gguf_args(path, metadata: dict, tensors: dict) -> ModelArgs:
         raise CheckpointError(
             f"{path}: metadata key '{a}rope.scaling.type' is '{kind}'; only linear RoPE scaling is supported"
         )
+    window = metadata.get(a + "attention.sliding_window")
     return ModelArgs(
+        model_type="qwen2" if arch == "qwen2" else "mistral" if window else "llama",
+        qkv_bias=arch == "qwen2",
+        sliding_window=_get(path, metadata, a + "attention.sliding_window", int) if window else None,
         dim=dim,
         n_layers=layers,
         hidden_dim=hidden,
@@ -161,12 +172,65 @@ def gguf_args(path, metadata: dict, tensors: dict) -> ModelArgs:
     )
 
 
+def llama3_from_factors(path: Path, factors: list[float], args: ModelArgs, metadata: dict) -> dict:
+    """Llama 3.1 ``rope_scaling`` settings that give llama.cpp's per-frequency divisors exactly.
+
+    Divisors are 1 for fast frequencies, ``factor`` for slow ones, and 1 / divisor is linear
+    in u = 1 / wavelength between. Only the ratios context / low and context / high matter,
+    so the context is taken from ``rope.scaling.original_context_length`` (or 8192, Llama
+    3.1's). Each boundary is solved from the blended frequencies, or put on the nearest
+    unblended one; the result is checked against the divisors.
+    """
+    a = metadata["general.architecture"] + "."
+    context = _get(path, metadata, a + "rope.scaling.original_context_length", int, 8192)
+    dims, base = args.head_dim, args.rope_theta
+    factor = max(factors)
+    u = [1 / (2 * math.pi * base ** (2 * i / dims)) for i in range(dims // 2)]  # falls with i
+    blend = [(ui, (1 / f - 1 / factor) / (1 - 1 / factor)) for ui, f in zip(u, factors) if 1 < f < factor]
+    kept = [ui for ui, f in zip(u, factors) if f == 1]
+    slow = [ui for ui, f in zip(u, factors) if f == factor]
+    if len(blend) >= 2:  # smooth = (u - lo) / (hi - lo) through two points
+        (u1, s1), (u2, s2) = blend[0], blend[-1]
+        hi_minus_lo = (u1 - u2) / (s1 - s2)
+        lo = u1 - s1 * hi_minus_lo
+        hi = lo + hi_minus_lo
+    else:
+        hi = min(kept) if kept else max(u) * 2
+        lo = max(slow) if slow else min(u) / 2
+        if blend:  # one blended point: slide along its line until both boundaries fit
+            ((u1, s1),) = blend
+            lo = (u1 - s1 * hi) / (1 - s1)
+            if slow and lo < max(slow):
+                lo = max(slow)
+                hi = lo + (u1 - lo) / s1
+    scaling = {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": float(f"{lo * context:.6g}"),  # 1.0, not 0.99999994 from float32 divisors
+        "high_freq_factor": float(f"{hi * context:.6g}"),
+        "original_max_position_embeddings": context,
+    }
+    if factor > 1 and lo > 0 and hi > lo:
+        again = llama3_factors(dims, base, scaling)
+        if all(abs(x - y) <= 1e-4 * y for x, y in zip(again, factors)):
+            return scaling
+    raise CheckpointError(
+        f"{path}: tensor 'rope_freqs.weight' holds RoPE divisors that are not "
+        "Llama 3.1's scaling; not supported"
+    )
+
+
 def _check_tensors(path: Path, tensors: dict, model: Model) -> dict[str, str]:
     """Every tensor known, readable and of the right shape; returns our name -> GGUF type."""
     expected = dict(tree_flatten(model.parameters()))
     types = {}
     for name, (shape, kind) in tensors.items():
-        if IGNORED.match(name):
+        if name == ROPE_FREQS:
+            if shape != (model.args.head_dim // 2,) or kind != "F32":
+                raise CheckpointError(
+                    f"{path}: tensor '{name}' is {kind} {shape}; llama.cpp writes "
+                    f"F32 ({model.args.head_dim // 2},)"
+                )
             continue
         ours = gguf_to_hf_name(name)
         if ours is None or ours not in expected:
@@ -203,12 +267,14 @@ def load_gguf(path, lazy: bool = True) -> tuple[Model, object | None]:
     path = Path(path)
     header, infos = read_header(path)
     args = gguf_args(path, header, infos)
-    model = Model(args)  # random lazy weights, never computed: only their shapes are used
-    types = _check_tensors(path, infos, model)
+    types = _check_tensors(path, infos, Model(args))  # lazy random weights: only shapes are used
     try:
         raw, metadata = mx.load(str(path), return_metadata=True)
     except (RuntimeError, ValueError, OSError) as e:
         raise CheckpointError(f"{path}: MLX cannot read this GGUF file ({str(e).splitlines()[0]})") from None
+    if ROPE_FREQS in raw:  # Llama 3.1's scaling, as llama.cpp stores it
+        args.rope_scaling = llama3_from_factors(path, raw.pop(ROPE_FREQS).tolist(), args, header)
+    model = Model(args)
 
     bits = {ours[: -len(".weight")]: KEPT_QUANTIZED[t] for ours, t in types.items() if t in KEPT_QUANTIZED}
     if bits:
@@ -240,11 +306,9 @@ def load_gguf(path, lazy: bool = True) -> tuple[Model, object | None]:
         stem, _, part = name.rpartition(".")  # part: weight, bias, or scales / biases of a packed one
         if part in ("scales", "biases"):
             ours = gguf_to_hf_name(stem + ".weight")[: -len("weight")] + part
-        elif IGNORED.match(name):
-            continue
         else:
             ours = gguf_to_hf_name(name)
-        if ".self_attn.q_proj." in ours or ".self_attn.k_proj." in ours:
+        if header["general.architecture"] in PERMUTED_QK and re.search(r"self_attn\.[qk]_proj\.", ours):
             heads = args.n_heads if ".q_proj." in ours else args.n_kv_heads
             value = interleaved_to_halves(value, heads)  # llama.cpp's row order -> HF's
         weights[ours] = value

@@ -34,9 +34,10 @@ import numpy as np
 from lora_course import atomic
 from lora_course.checkpoint.files import CheckpointError
 from lora_course.checkpoint.gguf_header import ARRAY, GGUF_MAGIC, STRING
-from lora_course.checkpoint.gguf_read import GGUF_BLOCK, GGUF_TOP
+from lora_course.checkpoint.gguf_read import GGUF_BLOCK, GGUF_TOP, PERMUTED_QK, ROPE_FREQS
 from lora_course.checkpoint.layouts import hf_weights
 from lora_course.model.args import ModelArgs
+from lora_course.model.rope import llama3_factors
 from lora_course.model.transformer import Model
 from lora_course.tokenizer.gguf import tokenizer_to_gguf
 from lora_course.tree import tree_flatten
@@ -78,16 +79,27 @@ def hf_to_gguf_name(name: str) -> str:
         return f"blk.{m.group(1)}.{TO_GGUF_BLOCK[m.group(2)]}.{suffix}"
     if stem in TO_GGUF_TOP:
         return f"{TO_GGUF_TOP[stem]}.{suffix}"
-    raise CheckpointError(f"save: tensor '{name}' has no GGUF name; lora_course writes Llama models only")
+    raise CheckpointError(
+        f"save: tensor '{name}' has no GGUF name; lora_course writes Llama, Mistral and Qwen2"
+    )
+
+
+def gguf_arch(args: ModelArgs) -> str:
+    """llama.cpp's architecture name: "qwen2" for Qwen2, "llama" for Llama and Mistral."""
+    return "qwen2" if args.model_type == "qwen2" else "llama"
 
 
 def gguf_tensors(model: Model) -> dict[str, mx.array]:
-    """The model's float tensors with llama.cpp's names and q/k row order."""
+    """The model's float tensors with llama.cpp's names and q/k row order, plus Llama 3.1's
+    RoPE divisors as ``rope_freqs.weight``, as llama.cpp's converter writes them."""
     args, out = model.args, {}
+    permute = gguf_arch(args) in PERMUTED_QK
     for name, value in hf_weights(model).items():  # dequantized, HF RoPE layout
-        if re.search(r"self_attn\.[qk]_proj\.(weight|bias)$", name):
+        if permute and re.search(r"self_attn\.[qk]_proj\.(weight|bias)$", name):
             value = halves_to_interleaved(value, args.n_heads if ".q_proj." in name else args.n_kv_heads)
         out[hf_to_gguf_name(name)] = value
+    if args.rope_type == "llama3":
+        out[ROPE_FREQS] = mx.array(llama3_factors(args.head_dim, args.rope_theta, args.rope_scaling))
     return out
 
 
@@ -100,29 +112,34 @@ def _f32(v: float) -> mx.array:
 
 
 def gguf_metadata(args: ModelArgs, gguf_type: str, name: str = "lora_course") -> dict:
-    """``general.*`` and ``llama.*`` keys for ``args``, typed as llama.cpp expects."""
+    """``general.*`` and ``llama.*`` (or ``qwen2.*``) keys for ``args``, typed as llama.cpp expects."""
+    a = gguf_arch(args) + "."
     meta = {
-        "general.architecture": "llama",
+        "general.architecture": gguf_arch(args),
         "general.name": name,
         "general.file_type": _u32(GGUF_TYPES[gguf_type]),
         "general.quantization_version": _u32(2),
-        "llama.vocab_size": _u32(args.vocab_size),
-        "llama.context_length": _u32(args.max_position_embeddings),
-        "llama.embedding_length": _u32(args.dim),
-        "llama.block_count": _u32(args.n_layers),
-        "llama.feed_forward_length": _u32(args.hidden_dim),
-        "llama.attention.head_count": _u32(args.n_heads),
-        "llama.attention.head_count_kv": _u32(args.n_kv_heads),
-        "llama.attention.key_length": _u32(args.head_dim),
-        "llama.attention.value_length": _u32(args.head_dim),
-        "llama.rope.dimension_count": _u32(args.head_dim),
-        "llama.rope.freq_base": _f32(args.rope_theta),
-        "llama.attention.layer_norm_rms_epsilon": _f32(args.norm_eps),
+        a + "vocab_size": _u32(args.vocab_size),
+        a + "context_length": _u32(args.max_position_embeddings),
+        a + "embedding_length": _u32(args.dim),
+        a + "block_count": _u32(args.n_layers),
+        a + "feed_forward_length": _u32(args.hidden_dim),
+        a + "attention.head_count": _u32(args.n_heads),
+        a + "attention.head_count_kv": _u32(args.n_kv_heads),
+        a + "attention.key_length": _u32(args.head_dim),
+        a + "attention.value_length": _u32(args.head_dim),
+        a + "rope.dimension_count": _u32(args.head_dim),
+        a + "rope.freq_base": _f32(args.rope_theta),
+        a + "attention.layer_norm_rms_epsilon": _f32(args.norm_eps),
     }
-    scaling = args.rope_scaling or {}
-    if scaling.get("type", scaling.get("rope_type")) == "linear":
-        meta["llama.rope.scaling.type"] = "linear"
-        meta["llama.rope.scaling.factor"] = _f32(scaling["factor"])
+    if args.rope_type == "linear":
+        meta[a + "rope.scaling.type"] = "linear"
+        meta[a + "rope.scaling.factor"] = _f32(args.rope_scaling["factor"])
+    elif args.rope_type == "llama3":  # the divisors go in rope_freqs; the context helps read them back
+        context = args.rope_scaling["original_max_position_embeddings"]
+        meta[a + "rope.scaling.original_context_length"] = _u32(context)
+    if args.sliding_window is not None:  # llama.cpp's key; its llama architecture ignores it
+        meta[a + "attention.sliding_window"] = _u32(args.sliding_window)
     return meta
 
 

@@ -5,10 +5,16 @@ Each module is one concept of notebooks 02-04 and imports only the modules befor
 """
 
 from lora_course.model.args import ModelArgs
-from lora_course.model.attention import Attention, KVCache, attention_reference, causal_mask
+from lora_course.model.attention import (
+    Attention,
+    KVCache,
+    attention_reference,
+    causal_mask,
+    sliding_window_mask,
+)
 from lora_course.model.generate import filter_logits, generate, generate_tokens, sample, stream_generate
 from lora_course.model.norm import RMSNorm, rms_norm_reference
-from lora_course.model.rope import RoPE, rope_reference
+from lora_course.model.rope import RoPE, llama3_factors, llama3_inv_freq, rope_reference
 from lora_course.model.transformer import FeedForward, Model, Transformer, TransformerBlock, make_cache
 
 __all__ = [
@@ -17,10 +23,13 @@ __all__ = [
     "rms_norm_reference",
     "RoPE",
     "rope_reference",
+    "llama3_factors",
+    "llama3_inv_freq",
     "Attention",
     "KVCache",
     "attention_reference",
     "causal_mask",
+    "sliding_window_mask",
     "FeedForward",
     "Model",
     "Transformer",

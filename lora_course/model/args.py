@@ -26,6 +26,23 @@ BOUNDS = {
     "max_position_embeddings": (1, limits.MAX_POSITIONS, "max_position_embeddings"),
 }
 
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# rope_type -> the rope_scaling keys it needs (each a positive number)
+ROPE_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+# Meta's params.json says only "use_scaled_rope": true; these are the constants of Meta's code
+# (the factor may be given as "rope_scaling_factor").
+META_SCALED_ROPE = {
+    "rope_type": "llama3",
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
 
 @dataclass
 class ModelArgs:
@@ -39,12 +56,17 @@ class ModelArgs:
     vocab_size: int = 32000  # number of token ids
     rope_theta: float = 10000.0  # RoPE base: wavelengths grow as theta^(2i/d)
     rope_traditional: bool = False  # True: rotate interleaved pairs (Meta); False: halves (HF)
-    rope_scaling: dict | None = None  # {"type": "linear", "factor": f} stretches positions by f
+    # None, {"rope_type": "linear", "factor": f} (positions divided by f) or Llama 3.1's
+    # {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    #  "original_max_position_embeddings"} (slow frequencies divided by f; see rope.py)
+    rope_scaling: dict | None = None
     tie_word_embeddings: bool = False  # reuse embed_tokens as the output head
     attention_bias: bool = False  # biases on q/k/v/o projections (some fine-tunes use them)
+    qkv_bias: bool = False  # biases on q/k/v only, not o (Qwen2)
+    sliding_window: int | None = None  # Mistral: each query sees only the last W keys (itself included)
     mlp_bias: bool = False  # biases on gate/up/down projections
     max_position_embeddings: int = 4096  # context length the model was trained for
-    model_type: str = "llama"  # "llama" or "mistral"; both use this same architecture
+    model_type: str = "llama"  # "llama", "mistral" or "qwen2": one architecture, switched by the fields above
     quantization: dict | None = None  # {"group_size": g, "bits": b} once quantized
 
     def __post_init__(self):
@@ -59,13 +81,25 @@ class ModelArgs:
             raise ValueError(
                 f"ModelArgs: n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"
             )
-        if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
-            if kind not in ("linear", "default"):
-                raise ValueError(
-                    f"ModelArgs: rope_scaling type {kind!r} is not supported "
-                    "(only 'linear'); remove it from config.json to load without scaling"
-                )
+        kind = self.rope_type
+        if kind not in ROPE_KEYS:
+            raise ValueError(
+                f"rope_scaling: rope_type {kind!r} is not supported (lora_course reads "
+                f"{', '.join(ROPE_KEYS)})"
+            )
+        for key in ROPE_KEYS[kind]:
+            value = self.rope_scaling.get(key)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (number and math.isfinite(value) and value > 0):
+                raise ValueError(f"rope_scaling of type {kind} needs a positive {key!r}, got {value!r}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be a positive integer or null, got {self.sliding_window}")
+
+    @property
+    def rope_type(self) -> str:
+        """ "default", "linear" or "llama3" (HF spells the key "rope_type", older files "type")."""
+        scaling = self.rope_scaling or {}
+        return scaling.get("rope_type", scaling.get("type")) or "default"
 
     # HF config.json and Meta params.json spell some fields differently.
     _ALIASES = {
@@ -82,11 +116,23 @@ class ModelArgs:
         """Build from an HF ``config.json`` dict, a Meta ``params.json`` dict, or our own
         ``asdict``. Unknown keys are ignored."""
         config = dict(config)
+        # transformers 5 writes {"rope_theta", "rope_type", ...} under rope_parameters; older
+        # files have a top-level rope_theta and rope_scaling. The newer place wins.
         rope = config.get("rope_parameters") or {}
-        if "rope_theta" not in config and "rope_theta" in rope:
+        if "rope_theta" in rope:
             config["rope_theta"] = rope["rope_theta"]
-        if config.get("rope_scaling") is None and rope.get("rope_type") not in (None, "default"):
-            config["rope_scaling"] = rope
+        if rope.get("rope_type", rope.get("type")) is not None:
+            scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+            config["rope_scaling"] = None if scaling.get("rope_type") == "default" else scaling
+        kind = config.get("model_type")
+        if kind == "qwen2":
+            config.setdefault("qkv_bias", True)  # Qwen2 always has q/k/v biases, and no o bias
+            if not config.get("use_sliding_window"):
+                config["sliding_window"] = None  # Qwen2 configs carry a window they do not use
+        elif kind == "mistral":
+            config.setdefault("sliding_window", 4096)  # transformers' MistralConfig default
+        elif kind is not None:
+            config["sliding_window"] = None  # Llama has no window, whatever else the file holds
         known = {f.name for f in fields(cls)}
         kwargs = {}
         for key, value in config.items():
@@ -100,13 +146,20 @@ class ModelArgs:
         if "model_type" not in config and "dim" in config and "n_layers" in config:
             # A Meta params.json: its weights rotate interleaved pairs.
             kwargs.setdefault("rope_traditional", True)
+            if config.get("use_scaled_rope") and "rope_scaling" not in kwargs:  # Llama 3.1+ originals
+                kwargs["rope_scaling"] = dict(
+                    META_SCALED_ROPE, factor=config.get("rope_scaling_factor") or 8.0
+                )
         return cls(**kwargs)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """The equivalent Hugging Face ``config.json`` (LlamaForCausalLM / MistralForCausalLM)."""
-        arch = "MistralForCausalLM" if self.model_type == "mistral" else "LlamaForCausalLM"
+        """The equivalent Hugging Face ``config.json`` (Llama / Mistral / Qwen2 ForCausalLM).
+
+        RoPE settings go in both places: ``rope_parameters`` (transformers 5) and the older
+        top-level ``rope_theta`` / ``rope_scaling`` (transformers 4, mlx-lm)."""
+        scaling = {k: v for k, v in (self.rope_scaling or {}).items() if k not in ("type", "rope_type")}
         d = {
-            "architectures": [arch],
+            "architectures": [ARCHITECTURES.get(self.model_type, "LlamaForCausalLM")],
             "model_type": self.model_type,
             "hidden_size": self.dim,
             "num_hidden_layers": self.n_layers,
@@ -118,12 +171,18 @@ class ModelArgs:
             "vocab_size": self.vocab_size,
             "rope_theta": self.rope_theta,
             "rope_scaling": self.rope_scaling,
+            "rope_parameters": {"rope_theta": self.rope_theta, "rope_type": self.rope_type, **scaling},
             "tie_word_embeddings": self.tie_word_embeddings,
             "attention_bias": self.attention_bias,
             "mlp_bias": self.mlp_bias,
             "max_position_embeddings": self.max_position_embeddings,
             "hidden_act": "silu",
         }
+        if self.model_type in ("mistral", "qwen2"):
+            d["sliding_window"] = self.sliding_window  # written even when null: Mistral defaults to 4096
+        if self.model_type == "qwen2":
+            d["use_sliding_window"] = self.sliding_window is not None
+            del d["attention_bias"], d["mlp_bias"]  # fixed by the architecture
         if self.quantization:
             d["quantization"] = dict(self.quantization)
         return d

@@ -14,7 +14,7 @@ import mlx.nn as nn
 
 from lora_course.model import fastmath
 from lora_course.model.args import ModelArgs
-from lora_course.model.rope import RoPE
+from lora_course.model.rope import RoPE, inv_frequencies
 
 
 def causal_mask(q_len: int, k_len: int) -> mx.array:
@@ -23,17 +23,30 @@ def causal_mask(q_len: int, k_len: int) -> mx.array:
     return q_pos >= mx.arange(k_len)[None, :]
 
 
-def attention_reference(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool) -> mx.array:
+def sliding_window_mask(q_len: int, k_len: int, window: int) -> mx.array:
+    """Causal, and each query sees only the last ``window`` keys, itself included (Mistral)."""
+    q_pos = mx.arange(k_len - q_len, k_len)[:, None]  # (q_len, 1)
+    k_pos = mx.arange(k_len)[None, :]  # (1, k_len)
+    return (q_pos >= k_pos) & (q_pos - k_pos < window)
+
+
+def attention_reference(
+    q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool, window: int | None = None
+) -> mx.array:
     """softmax(q k^T * scale + mask) v, with K/V heads repeated for GQA.
 
-    q: (B, n_heads, Lq, D); k, v: (B, n_kv_heads, Lk, D).
+    q: (B, n_heads, Lq, D); k, v: (B, n_kv_heads, Lk, D). ``window``: Mistral's sliding
+    window (applies to decoding one token after a long cache too).
     """
     n_rep = q.shape[1] // k.shape[1]
     if n_rep > 1:  # each K/V head serves n_rep query heads
         k = mx.repeat(k, n_rep, axis=1)  # (B, n_heads, Lk, D)
         v = mx.repeat(v, n_rep, axis=1)
     scores = (q * scale) @ k.swapaxes(-1, -2)  # (B, n_heads, Lq, Lk)
-    if causal:
+    if window is not None and k.shape[2] > window:
+        mask = sliding_window_mask(q.shape[2], k.shape[2], window)
+        scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
+    elif causal:
         mask = causal_mask(q.shape[2], k.shape[2])
         scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
     weights = mx.softmax(scores.astype(mx.float32), axis=-1).astype(q.dtype)
@@ -78,18 +91,15 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.scale = self.head_dim**-0.5
-        bias = args.attention_bias
-        self.q_proj = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=bias)
-        rope_scale = 1.0
-        if (
-            args.rope_scaling
-            and args.rope_scaling.get("type", args.rope_scaling.get("rope_type")) == "linear"
-        ):
-            rope_scale = 1.0 / args.rope_scaling["factor"]
-        self.rope = RoPE(self.head_dim, args.rope_traditional, args.rope_theta, rope_scale)
+        self.window = args.sliding_window  # None: every earlier key is visible
+        qkv_bias = args.attention_bias or args.qkv_bias  # Qwen2: q/k/v only
+        self.q_proj = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=args.attention_bias)
+        rope_scale = 1.0 / args.rope_scaling["factor"] if args.rope_type == "linear" else 1.0
+        inv_freq = inv_frequencies(self.head_dim, args.rope_theta, args.rope_scaling)  # llama3: per frequency
+        self.rope = RoPE(self.head_dim, args.rope_traditional, args.rope_theta, rope_scale, inv_freq)
 
     def __call__(self, x: mx.array, cache: KVCache | None = None, reference: bool = False) -> mx.array:
         B, L, _ = x.shape
@@ -104,8 +114,12 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v)  # (B, n_kv_heads, offset + L, head_dim)
 
+        Lk = k.shape[2]
         if reference:
-            out = attention_reference(q, k, v, self.scale, causal=L > 1)
+            out = attention_reference(q, k, v, self.scale, causal=L > 1, window=self.window)
+        elif self.window is not None and Lk > self.window:  # keys beyond the window are hidden
+            mask = sliding_window_mask(L, Lk, self.window)  # (L, Lk)
+            out = fastmath.attention(q, k, v, self.scale, causal=False, mask=mask)
         else:  # mx.fast's kernel; on Linux x86 CPUs an exp-light equivalent (fastmath.py)
             out = fastmath.attention(q, k, v, self.scale, causal=L > 1)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)  # (B, L, n_heads * head_dim)

@@ -157,21 +157,28 @@ def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
     return logsumexp(logits, axis=-1) - picked
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool) -> mx.array:
+def attention(
+    q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool, mask: mx.array | None = None
+) -> mx.array:
     """softmax(q k^T * scale + causal mask) v with grouped-query heads, no K/V copies.
 
     q: (B, n_heads, Lq, D); k, v: (B, n_kv_heads, Lk, D) -> (B, n_heads, Lq, D).
     With ``causal``, query i sits at absolute position Lk - Lq + i (a KV cache
-    holds the earlier ones) and sees keys up to it. ``mx.fast.scaled_dot_product_attention``
+    holds the earlier ones) and sees keys up to it. ``mask``: a boolean (Lq, Lk) of
+    visible keys instead (a sliding window). ``mx.fast.scaled_dot_product_attention``
     off the fast path.
     """
     if not enabled() or q.shape[2] * k.shape[2] * q.shape[1] < SMALL:  # e.g. decoding one token
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if causal else None)
+        if mask is None and causal:
+            mask = "causal"
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     q = (q * scale).reshape(B, Hkv, H // Hkv, Lq, D)  # each K/V head serves H / Hkv query heads
     scores = q @ k[:, :, None].swapaxes(-1, -2)  # (B, Hkv, H/Hkv, Lq, Lk)
-    if causal:
+    if mask is not None:
+        scores = mx.where(mask, scores, -mx.inf)
+    elif causal:
         visible = mx.arange(Lk - Lq, Lk)[:, None] >= mx.arange(Lk)[None, :]  # (Lq, Lk)
         scores = mx.where(visible, scores, -mx.inf)
     out = softmax(scores, axis=-1).astype(v.dtype) @ v[:, :, None]  # (B, Hkv, H/Hkv, Lq, D)
