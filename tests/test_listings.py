@@ -61,7 +61,9 @@ def test_listings_are_current(notebook):
         try:
             obj = resolve(header["path"], header["qualname"])
         except (ImportError, AttributeError) as error:
-            stale.append(f"cell {number}: {header['path']}.py {header['qualname']} no longer exists ({error})")
+            stale.append(
+                f"cell {number}: {header['path']}.py {header['qualname']} no longer exists ({error})"
+            )
             continue
         if render_source(obj) != text:
             stale.append(f"cell {number}: {header['path']}.py {header['qualname']} changed since it ran")
