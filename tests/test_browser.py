@@ -20,6 +20,7 @@ import functools
 import http.server
 import importlib.util
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -92,11 +93,16 @@ class PageProblems:
         page.on("requestfailed", lambda r: self.problems.append(f"failed: {r.url} ({r.failure})"))
         page.on("response", self._on_response)
         page.on("pageerror", lambda e: self.problems.append(f"uncaught JavaScript error: {e}"))
+        page.on("console", self._on_console)
 
     def _on_request(self, request):
         host = urlparse(request.url).hostname
         if request.url.startswith(("http:", "https:", "ws:", "wss:")) and host != self.allowed_host:
             self.problems.append(f"request left {self.allowed_host}: {request.url}")
+
+    def _on_console(self, message):
+        if message.type == "error":
+            self.problems.append(f"console error: {message.text}")
 
     def _on_response(self, response):
         if response.status >= 400:
@@ -185,7 +191,9 @@ def check_math(page, path):
 
 def check_images(page, path):
     sizes = page.evaluate(
-        "() => Array.from(document.querySelectorAll('main img'))"
+        # only images on show: a widget keeps its other frames (and its live frame, empty
+        # until a kernel draws it) hidden
+        "() => Array.from(document.querySelectorAll('main img')).filter(img => img.checkVisibility())"
         ".map(img => [img.getAttribute('src'), img.naturalWidth, img.naturalHeight])"
     )
     broken = [src for src, w, h in sizes if w == 0 or h == 0]
@@ -286,6 +294,112 @@ def test_book_static_widgets_render(notebook_reports):
     assert not failures, "\n".join(failures)
 
 
+# Absolute paths of the machine that built the notebooks, and test markers, must never
+# reach a page; base64 runs (saved PNGs) are skipped so random letters cannot match.
+FORBIDDEN = re.compile(r"NBVAL|/work/|/root/|/tmp/|/home/|site-packages")
+BASE64_RUN = re.compile(r"[A-Za-z0-9+/=\\\n]{100,}")
+SCRIPT_OR_STYLE = re.compile(r"<(script|style)\b.*?</\1>", re.S)
+
+
+def book_pages(book_html: Path) -> list[str]:
+    return sorted(
+        p.relative_to(book_html).as_posix()
+        for p in book_html.rglob("*.html")
+        if not p.relative_to(book_html).as_posix().startswith(("_static/", "_sources/"))
+    )
+
+
+def test_book_pages_have_no_markers_paths_or_raw_math(book_html):
+    """No page shows NBVAL, an absolute machine path or an untypeset $$ (grep of the built HTML)."""
+    found = []
+    for path in book_pages(book_html):
+        html = BASE64_RUN.sub("", (book_html / path).read_text())
+        for match in FORBIDDEN.finditer(html):
+            start = max(match.start() - 60, 0)
+            found.append(f"{path}: {match.group()!r} in ...{html[start : match.end() + 60]!r}")
+        if "$$" in SCRIPT_OR_STYLE.sub("", html):
+            found.append(f"{path}: a raw $$ outside scripts (math that was not parsed)")
+    assert len(book_pages(book_html)) > 20
+    assert not found, "\n".join(found[:40])
+
+
+def test_book_every_page_loads_cleanly(browser, book_url, book_html):
+    """Every page of the book: no console error, no failed request, nothing fetched from outside."""
+    failures = []
+    for path in book_pages(book_html):
+        if path.startswith("notebooks/") and path[10:12].isdigit():
+            continue  # the notebook chapters are visited, with more checks, by notebook_reports
+        page, problems = open_book_page(browser, book_url, path)
+        page.close()
+        failures += [f"{path}: {problem}" for problem in problems.problems]
+    assert not failures, "\n".join(failures)
+
+
+def test_book_search_works_over_http(browser, book_url):
+    page, problems = open_book_page(browser, book_url, "search.html?q=RMSNorm")
+    page.wait_for_function(
+        "() => /found \\d+ page/.test(document.querySelector('#search-results')?.innerText || '')"
+    )
+    results = page.locator("#search-results li").count()
+    page.close()
+    assert results >= 2, "searching the served book for RMSNorm found fewer than 2 pages"
+    assert not problems.problems, problems.problems
+
+
+VISIBLE_FRAME = """root => {
+    const shown = Array.from(root.querySelectorAll('img, .widget-html-content'))
+        .filter(el => el.checkVisibility() && (el.tagName !== 'IMG' || el.naturalWidth > 0));
+    return shown.map(el => el.tagName === 'IMG' ? el.src : el.innerText).join('|');
+}"""
+
+
+def move_first_control(page, widget):
+    """Move the widget's first control one step, the way a reader does (keyboard or click)."""
+    handle = widget.locator(".widget-slider .noUi-handle, .widget-hslider .noUi-handle").first
+    if handle.count():
+        handle.focus()
+        page.keyboard.press("ArrowRight")
+        return
+    buttons = widget.locator(".widget-toggle-button")
+    if buttons.count() > 1:
+        # the one that is not selected
+        for i in range(buttons.count()):
+            if "mod-active" not in (buttons.nth(i).get_attribute("class") or ""):
+                buttons.nth(i).click()
+                return
+    widget.locator("select").first.select_option(index=1)
+
+
+def test_book_widgets_change_the_frame_with_no_kernel(browser, book_url, notebook_reports):
+    """On every page with a widget, moving its first control shows a different frame."""
+    pages = [path for path, r in notebook_reports.items() if r["widgets"]]
+    failures, with_frames = [], []
+    for path in pages:
+        page, problems = open_book_page(browser, book_url, path)
+        widgets_on_page = page.locator(".lc-frames")  # interact_frames widgets (rendered by now)
+        if widgets_on_page.count():
+            with_frames.append(path)
+        for n in range(widgets_on_page.count()):
+            widget = widgets_on_page.nth(n)
+            widget.scroll_into_view_if_needed()
+            before = widget.evaluate(VISIBLE_FRAME)
+            move_first_control(page, widget)
+            try:
+                page.wait_for_function(
+                    f"([root, before]) => ({VISIBLE_FRAME})(root) !== before && ({VISIBLE_FRAME})(root) !== ''",
+                    arg=[widget.element_handle(), before],
+                    timeout=5000,
+                )
+            except Exception:
+                failures.append(f"{path}: widget {n} still shows the same frame after its control moved")
+            if not before:
+                failures.append(f"{path}: widget {n} showed no frame")
+        page.close()
+        failures += [f"{path}: {problem}" for problem in problems.problems]
+    assert len(with_frames) >= 9, f"expected the 9 widget notebooks, found frames on {with_frames}"
+    assert not failures, "\n".join(failures)
+
+
 # -- JupyterLab ---------------------------------------------------------------
 
 SLIDER_CELL = """\
@@ -301,6 +415,28 @@ def on_change(change):
 
 slider.observe(on_change, names="value")
 widgets.VBox([slider, answer])"""
+
+
+# interact_frames with both kinds of frame: a figure and text. Grids of floats, so the
+# free sliders a live kernel reveals can take values between the frames.
+FRAMES_CELL = """\
+import matplotlib.pyplot as plt
+from lora_course.widgets import interact_frames
+
+
+def curve(a=1.0):
+    plt.figure(figsize=(3, 2))
+    plt.plot([0, 1], [0, a])
+    plt.title(f"slope {a:g}")
+    plt.show()
+
+
+def words(x=0.0):
+    return f"x squared is {x * x:.4f}"
+
+
+display(interact_frames(curve, {"a": [1.0, 2.0]}))
+display(interact_frames(words, {"x": [0.0, 1.0]}))"""
 
 
 def free_port() -> int:
@@ -322,6 +458,10 @@ def jupyterlab(tmp_path):
     nb.cells = [nbformat.v4.new_code_cell(SLIDER_CELL)]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, root / "slider.ipynb")
+    frames = nbformat.v4.new_notebook()
+    frames.cells = [nbformat.v4.new_code_cell(FRAMES_CELL)]
+    frames.metadata["kernelspec"] = nb.metadata["kernelspec"]
+    nbformat.write(frames, root / "frames.ipynb")
 
     token, port = secrets.token_hex(16), free_port()
     home = tmp_path / "home"  # a clean profile: no saved layouts, settings or runtime files
@@ -331,6 +471,8 @@ def jupyterlab(tmp_path):
         "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
         "JUPYTERLAB_SETTINGS_DIR": str(home / "settings"),
         "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces"),
+        # the kernel imports lora_course.widgets from this checkout
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
     command = [
         sys.executable, "-m", "jupyter", "lab", "--no-browser",
@@ -427,3 +569,48 @@ def test_jupyterlab_slider_changes_output(browser, jupyterlab):
     assert after.strip() == "k squared is 16"
     assert readout.strip() == "4"
     assert not [p for p in problems.problems if "request left" in p], problems.problems
+
+
+def test_jupyterlab_frames_recompute_live(browser, jupyterlab):
+    """With a kernel, interact_frames redraws for values off its grid (both frame kinds)."""
+    url, token = jupyterlab
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    page.goto(f"{url}/lab/tree/frames.ipynb?token={token}", wait_until="domcontentloaded")
+    try:
+        page.locator(".jp-Notebook .jp-Cell").first.wait_for()
+        page.wait_for_function(KERNEL_READY)
+        page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+        page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+        boxes = page.locator(".jp-OutputArea .lc-frames")
+        page.wait_for_function("() => document.querySelectorAll('.jp-OutputArea .lc-frames').length == 2")
+        figure, text = boxes.nth(0), boxes.nth(1)
+        page.get_by_text("x squared is 0.0000").wait_for(state="visible")
+
+        # On the grid: the browser switches frames; the kernel then reveals the free sliders.
+        for box in (figure, text):
+            box.locator(".widget-slider .noUi-handle").first.focus()
+            page.keyboard.press("ArrowRight")  # 1.0 -> 2.0 and 0.0 -> 1.0
+        page.get_by_text("x squared is 1.0000").wait_for(state="visible")
+        free_figure = figure.locator(".widget-slider .noUi-handle").nth(1)
+        free_text = text.locator(".widget-slider .noUi-handle").nth(1)
+        free_figure.wait_for(state="visible")  # only a live kernel shows these
+        free_text.wait_for(state="visible")
+        grid_frame = figure.evaluate(VISIBLE_FRAME)
+
+        # Off the grid: only the kernel can draw these.
+        free_text.focus()
+        page.keyboard.press("ArrowLeft")  # 1.0 -> 0.99, a value no frame holds
+        page.get_by_text("x squared is 0.9801").wait_for(state="visible")
+        free_figure.focus()
+        page.keyboard.press("ArrowLeft")
+        page.wait_for_function(
+            f"([root, before]) => {{ const now = ({VISIBLE_FRAME})(root); return now && now !== before; }}",
+            arg=[figure.element_handle(), grid_frame],
+        )
+        readout = figure.locator(".widget-readout").nth(1).inner_text()
+    finally:
+        page.screenshot(path=str(SCREENSHOTS / "jupyterlab-frames.png"))
+        context.close()
+    assert float(readout) < 2.0
