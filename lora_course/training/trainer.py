@@ -34,8 +34,9 @@ from lora_course.training import resume as ckpt
 from lora_course.training.args import TrainingArgs
 from lora_course.training.evaluate import loss
 from lora_course.training.losses import distillation_loss
+from lora_course.training.optimizers import build_optimizer
 from lora_course.training.run import Run, TrainingHistory, count_iterations
-from lora_course.training.schedules import build_optimizer, build_schedule
+from lora_course.training.schedules import build_schedule
 from lora_course.training.step import enable_grad_checkpoint, make_step
 from lora_course.tree import tree_unflatten
 
@@ -99,7 +100,9 @@ def train(
         schedule = build_schedule(
             args.lr_schedule, args.learning_rate, iters, args.warmup, args.min_learning_rate
         )
-        optimizer = build_optimizer(args.optimizer, schedule, args.weight_decay)
+        optimizer = build_optimizer(
+            args.optimizer, schedule, args.weight_decay, args.optimizer_config, args.lora_plus_ratio
+        )
     optimizer.init(model.trainable_parameters())
 
     run = Run(model, optimizer, args, val_set, loss_fn, list(callbacks or []), adapter_config, verbose)
