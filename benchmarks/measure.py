@@ -14,8 +14,9 @@ yardstick under the same load.
 
 Other processes: the machine is shared, so every timed section also records what else
 ran during it (``watch_load``): the load average before and after, and the CPU seconds
-that processes other than ours took, from the machine-wide busy time in ``/proc/stat``
-minus our own process tree's ``getrusage``. ``other_cores`` is that divided by the wall
+that processes other than ours took on the cores we may use, from their busy time in
+``/proc/stat`` minus our own process tree's ``getrusage`` (10 ms resolution: a window
+under a second gives a coarse figure). ``other_cores`` is that divided by the wall
 time; at ``BUSY_CORES`` or more the measurement is flagged ``busy`` (the runner can
 re-run it, ``--rerun-busy``).
 
@@ -40,15 +41,23 @@ import time
 BUSY_CORES = 0.5
 
 
+def _cores() -> set[int]:
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+
+
 def _busy_cpu_s() -> float | None:
-    """CPU seconds all processes have spent busy since boot (Linux ``/proc/stat``)."""
+    """CPU seconds the cores we may run on have spent busy since boot (``/proc/stat``)."""
+    cores, busy = {f"cpu{i}" for i in _cores()}, 0
     try:
         with open("/proc/stat") as f:
-            ticks = [int(x) for x in f.readline().split()[1:9]]
+            for line in f:
+                name, *ticks = line.split()
+                if name in cores:  # user nice system idle iowait irq softirq steal
+                    t = [int(x) for x in ticks[:8]]
+                    busy += sum(t) - t[3] - t[4]  # all but idle and iowait
     except (OSError, ValueError):
         return None
-    # user nice system idle iowait irq softirq steal: busy is all but idle and iowait
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+    return busy / os.sysconf("SC_CLK_TCK")
 
 
 def _own_cpu_s() -> float:
@@ -77,9 +86,11 @@ def watch_load():
     if busy0 is None or busy1 is None:
         load.update(other_cpu_s=None, other_cores=None, busy=None)
         return
-    other = max((busy1 - busy0) - (own1 - own0), 0.0)  # jiffies are 10 ms: clamp rounding
+    # The busy count moves in 10 ms ticks: over a short window it can round past what the
+    # cores could do, so the figure is clamped to [0, our cores].
+    other = max((busy1 - busy0) - (own1 - own0), 0.0)
     load["other_cpu_s"] = other
-    load["other_cores"] = other / max(wall, 1e-9)
+    load["other_cores"] = min(other / max(wall, 1e-9), float(len(_cores())))
     load["busy"] = load["other_cores"] >= BUSY_CORES
 
 
