@@ -1,10 +1,12 @@
 """Model shapes and workloads the benchmarks run, the same for every peer.
 
-A Llama-style decoder (SwiGLU, RoPE, RMSNorm, no GQA, untied head) with random
-weights (``weights.py``). LoRA rank 8, alpha 16 (scale 2), on every linear layer of
-attention and MLP (q/k/v/o/gate/up/down) of every block; the embedding, the norms
-and the output head stay frozen and unadapted. Random tokens; the loss mask is all
-ones, so every position is a loss token for every peer.
+A Llama-style decoder (SwiGLU, RoPE, RMSNorm) with random weights (``weights.py``):
+small and medium have no GQA and an untied head; the real shapes (SmolLM2-135M,
+Llama-3.2-1B) have their models' grouped K/V heads and tied embeddings. LoRA rank 8,
+alpha 16 (scale 2), on every linear layer of attention and MLP (q/k/v/o/gate/up/down)
+of every block; the embedding, the norms and the output head stay frozen and
+unadapted. Random tokens; the loss mask is all ones, so every position is a loss
+token for every peer.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ class BenchConfig:
     n_layers: int = 4  # transformer blocks
     hidden_dim: int = 704  # SwiGLU inner width (about 8/3 * dim, rounded to 64)
     n_heads: int = 4  # attention heads (head_dim = dim / n_heads = 64)
+    n_kv_heads: int | None = None  # K/V heads (grouped-query attention); None: n_heads
+    tie: bool = False  # the output head is the embedding's transpose (no lm_head weight)
     vocab_size: int = 8192  # token ids; the output head is dim x vocab
     batch: int = 4  # sequences per training step
     seq: int = 128  # tokens per sequence (inputs; targets are shifted by one)
@@ -45,11 +49,17 @@ class BenchConfig:
     max_seconds: float = 60.0  # stop timing after this long (at least min_steps are timed)
     min_steps: int = 2  # timed steps even when max_seconds is exceeded
     seed: int = 0  # weights, tokens and LoRA initialization
+    max_rounds: int | None = None  # run this config in at most N rounds (big shapes: 1)
+    skip_peers: tuple[str, ...] = ()  # peers not run at this size (the reason is SKIP_REASONS')
     extra: dict = field(default_factory=dict)  # anything else, carried into the JSON
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
 
     @property
     def tokens_per_step(self) -> int:
@@ -62,14 +72,16 @@ class BenchConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["keys"] = list(self.keys)
+        d["skip_peers"] = list(self.skip_peers)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BenchConfig:
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
-        if "keys" in kw:
-            kw["keys"] = tuple(kw["keys"])
+        for key in ("keys", "skip_peers"):
+            if key in kw:
+                kw[key] = tuple(kw[key])
         return cls(**kw)
 
 
@@ -94,4 +106,68 @@ MICRO = BenchConfig(
     min_steps=1,
 )
 
-PRESETS = {c.name: c for c in (SMALL, MEDIUM, MICRO)}
+# The real shapes' features at micro size (tied head, GQA, a vocabulary the trainer chunks):
+# tests/test_benchmarks.py runs it.
+MICRO_TIED = BenchConfig(
+    **{
+        **MICRO.to_dict(),
+        "name": "micro-tied",
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "vocab_size": 32768,
+        "tie": True,
+        "keys": LORA_KEYS,
+        "skip_peers": ("mlx_lm_stock",),
+    }
+)
+
+# Real model shapes, random weights. One round each, few steps: a 1B step takes tens of
+# seconds on 2 cores. Batch x seq fit a 24 GB machine with every peer's fp32 weights.
+SMOLLM2_135M = BenchConfig(
+    "smollm2-135m",
+    dim=576,
+    n_layers=30,
+    hidden_dim=1536,
+    n_heads=9,
+    n_kv_heads=3,
+    vocab_size=49152,
+    tie=True,
+    batch=2,
+    seq=512,
+    prompt_len=128,
+    gen_tokens=32,
+    steps=3,
+    warmup=1,
+    max_seconds=60.0,
+    max_rounds=1,
+    skip_peers=("mlx_lm_stock",),
+)
+LLAMA_32_1B = BenchConfig(
+    "llama-3.2-1b",
+    dim=2048,
+    n_layers=16,
+    hidden_dim=8192,
+    n_heads=32,
+    n_kv_heads=8,
+    vocab_size=128256,
+    tie=True,
+    batch=1,
+    seq=512,
+    prompt_len=128,
+    gen_tokens=16,
+    steps=2,
+    warmup=1,
+    max_seconds=60.0,
+    max_rounds=1,
+    skip_peers=("mlx_lm_stock", "torch_peft_1t"),
+)
+# lora_course.training.chunked_loss.CHUNKED_VOCAB (the orchestrator does not import MLX;
+# tests/test_benchmarks.py checks the two agree)
+CHUNKED_VOCAB = 32768
+SKIP_REASONS = {
+    "mlx_lm_stock": "not run at this size: MLX's bundled reference BLAS is over 10x slower than "
+    "an optimized one (see small and medium), so one step would take many minutes",
+    "torch_peft_1t": "not run at this size, to keep the whole run short; PyTorch runs on all cores",
+}
+
+PRESETS = {c.name: c for c in (SMALL, MEDIUM, SMOLLM2_135M, LLAMA_32_1B, MICRO, MICRO_TIED)}

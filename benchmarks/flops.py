@@ -40,10 +40,11 @@ from benchmarks.configs import BenchConfig
 def linear_shapes(cfg: BenchConfig) -> dict[str, tuple[int, int]]:
     """(in, out) of every linear inside one block, by its key."""
     d, h, a = cfg.dim, cfg.hidden_dim, cfg.n_heads * cfg.head_dim
+    kv = cfg.kv_heads * cfg.head_dim  # grouped-query attention: fewer K/V heads
     return {
         "self_attn.q_proj": (d, a),
-        "self_attn.k_proj": (d, a),
-        "self_attn.v_proj": (d, a),
+        "self_attn.k_proj": (d, kv),
+        "self_attn.v_proj": (d, kv),
         "self_attn.o_proj": (a, d),
         "mlp.gate_proj": (d, h),
         "mlp.up_proj": (d, h),

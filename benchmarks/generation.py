@@ -23,12 +23,7 @@ def _timed(generate_ids, cfg) -> dict:
     """Run ``generate_ids()`` (an iterator of ints) 1 + REPEATS times; medians of the timed ones."""
     import mlx.core as mx
 
-    runs = []
-    for i in range(1 + REPEATS):
-        if i == 1:
-            mx.clear_cache()
-            mx.reset_peak_memory()
-            rss_method = measure.reset_peak_rss()
+    def once():
         t0, c0 = time.perf_counter(), time.process_time()
         ids, t_first, c_first = [], None, None
         for t in generate_ids():
@@ -36,7 +31,14 @@ def _timed(generate_ids, cfg) -> dict:
                 t_first, c_first = time.perf_counter(), time.process_time()
             ids.append(int(t))
         t_end, c_end = time.perf_counter(), time.process_time()
-        runs.append((t_first - t0, t_end - t_first, ids, c_first - c0, c_end - c_first))
+        return t_first - t0, t_end - t_first, ids, c_first - c0, c_end - c_first
+
+    runs = [once()]  # untimed
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    rss_method = measure.reset_peak_rss()
+    with measure.watch_load() as load:
+        runs += [once() for _ in range(REPEATS)]
     timed = runs[1:]
     prefill_s = statistics.median(r[0] for r in timed)
     decode_s = statistics.median(r[1] for r in timed)
@@ -53,6 +55,7 @@ def _timed(generate_ids, cfg) -> dict:
         "peak_rss_mib": measure.peak_rss_mib(rss_method),
         "rss_method": rss_method,
         "mlx_peak_mib": mx.get_peak_memory() / 2**20,
+        "load": load,
     }
 
 
@@ -65,7 +68,9 @@ def run_lora_course(cfg, weights_path, data_path, quant: bool = False) -> dict:
         n_layers=cfg.n_layers,
         hidden_dim=cfg.hidden_dim,
         n_heads=cfg.n_heads,
+        n_kv_heads=cfg.kv_heads,
         vocab_size=cfg.vocab_size,
+        tie_word_embeddings=cfg.tie,
     )
     model = Model(args)
     load_into_mlx(model, weights_path)
@@ -86,8 +91,8 @@ def run_mlx_lm(cfg, weights_path, data_path, quant: bool = False) -> dict:
         num_attention_heads=cfg.n_heads,
         rms_norm_eps=1e-5,
         vocab_size=cfg.vocab_size,
-        num_key_value_heads=cfg.n_heads,
-        tie_word_embeddings=False,
+        num_key_value_heads=cfg.kv_heads,
+        tie_word_embeddings=cfg.tie,
     )
     model = Model(args)
     load_into_mlx(model, weights_path)

@@ -12,6 +12,14 @@ Before each timed call an untimed 1024 x 1024 fp32 GEMM can be timed too (``prob
 shared cores make absolute rates drift, and a GEMM measured next to the steps gives a
 yardstick under the same load.
 
+Other processes: the machine is shared, so every timed section also records what else
+ran during it (``watch_load``): the load average before and after, and the CPU seconds
+that processes other than ours took on the cores we may use, from their busy time in
+``/proc/stat`` minus our own process tree's ``getrusage`` (10 ms resolution: a window
+under a second gives a coarse figure). ``other_cores`` is that divided by the wall
+time; at ``BUSY_CORES`` or more the measurement is flagged ``busy`` (the runner can
+re-run it, ``--rerun-busy``).
+
 Memory: the peak resident set size (VmHWM) of the process during the timed calls.
 Linux lets a process reset its own high-water mark (``echo 5 > /proc/self/clear_refs``),
 so the figure covers the timed steps only: the resident weights, activations,
@@ -22,10 +30,68 @@ and say so in ``rss_method``.
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
 import resource
 import statistics
 import time
+
+# Half a core of other work on average: on 2 cores enough to slow a 2-thread step visibly.
+BUSY_CORES = 0.5
+
+
+def _cores() -> set[int]:
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+
+
+def _busy_cpu_s() -> float | None:
+    """CPU seconds the cores we may run on have spent busy since boot (``/proc/stat``)."""
+    cores, busy = {f"cpu{i}" for i in _cores()}, 0
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                name, *ticks = line.split()
+                if name in cores:  # user nice system idle iowait irq softirq steal
+                    t = [int(x) for x in ticks[:8]]
+                    busy += sum(t) - t[3] - t[4]  # all but idle and iowait
+    except (OSError, ValueError):
+        return None
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    """CPU seconds of this process (all threads) and of its finished children."""
+    return sum(
+        r.ru_utime + r.ru_stime
+        for r in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+    )
+
+
+def _loadavg() -> list[float] | None:
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+@contextlib.contextmanager
+def watch_load():
+    """``with watch_load() as load: ...``: afterwards ``load`` holds the load average at
+    start and end, the CPU seconds other processes took meanwhile, and ``busy``."""
+    load = {"load_average_start": _loadavg()}
+    busy0, own0, tic = _busy_cpu_s(), _own_cpu_s(), time.perf_counter()
+    yield load
+    wall = time.perf_counter() - tic
+    busy1, own1 = _busy_cpu_s(), _own_cpu_s()
+    load["load_average_end"] = _loadavg()
+    load["wall_s"] = wall
+    if busy0 is None or busy1 is None:
+        load.update(other_cpu_s=None, other_cores=None, busy=None)
+        return
+    # The busy count moves in 10 ms ticks: over a short window it can round past what the
+    # cores could do, so the figure is clamped to [0, our cores].
+    other = max((busy1 - busy0) - (own1 - own0), 0.0)
+    load["other_cpu_s"] = other
+    load["other_cores"] = min(other / max(wall, 1e-9), float(len(_cores())))
+    load["busy"] = load["other_cores"] >= BUSY_CORES
 
 
 def reset_peak_rss() -> str:
@@ -65,16 +131,18 @@ def time_calls(fn, cfg, before_timing=None, probe=None) -> dict:
         before_timing()
     times, cpu_times, probes = [], [], []
     start = time.perf_counter()
-    while len(times) < cfg.steps:
-        if probe is not None:
-            probes.append(probe())
-        tic, cpu_tic = time.perf_counter(), time.process_time()
-        result = fn()
-        times.append(time.perf_counter() - tic)
-        cpu_times.append(time.process_time() - cpu_tic)
-        if len(times) >= cfg.min_steps and time.perf_counter() - start > cfg.max_seconds:
-            break
+    with watch_load() as load:
+        while len(times) < cfg.steps:
+            if probe is not None:
+                probes.append(probe())
+            tic, cpu_tic = time.perf_counter(), time.process_time()
+            result = fn()
+            times.append(time.perf_counter() - tic)
+            cpu_times.append(time.process_time() - cpu_tic)
+            if len(times) >= cfg.min_steps and time.perf_counter() - start > cfg.max_seconds:
+                break
     return {
+        "load": load,
         "times_s": times,
         "median_s": statistics.median(times),
         "cpu_s": statistics.median(cpu_times),

@@ -15,11 +15,14 @@ PEER_LABELS = {
     "mlx_lm_same_blas": "mlx-lm, same BLAS (MKL)",
     "torch_peft": "PyTorch + PEFT",
     "torch_peft_1t": "PyTorch + PEFT, 1 thread",
+    "lora_course_full_logits": "lora_course, plain loss (full logits)",
+    "lora_course_gguf": "GGUF (mx.load + Model)",
 }
 BENCH_TITLES = {
     "lora": "LoRA training step",
     "qlora": "QLoRA (4-bit) training step",
     "generation": "Greedy generation, batch 1",
+    "load": "Loading a checkpoint (float16 weights)",
 }
 
 
@@ -128,6 +131,64 @@ def table(results: dict) -> str:
                 body,
             )
         )
+    sel = [r for r in rows if r["bench"] == "load"]
+    if sel:
+        body = [
+            [r["config"], PEER_LABELS.get(r["peer"], r["peer"]), r["status"]] + [""] * 5
+            if not r.get("status", "").startswith("ok")
+            else [
+                r["config"],
+                "safetensors (lora_course.load)"
+                if r["peer"] == "lora_course"
+                else PEER_LABELS.get(r["peer"]),
+                _fmt(r.get("weight_bytes") and r["weight_bytes"] / 2**20),
+                _fmt(r.get("rss_before_mib")),
+                _fmt(r.get("peak_rss_mib")),
+                _fmt(r.get("peak_over_weights"), "{:.2f}x"),
+                _fmt(r.get("load_s"), "{:.1f}"),
+                "",
+            ]
+            for r in sel
+        ]
+        parts.append(
+            f"**{BENCH_TITLES['load']}**\n\n"
+            + _markdown(
+                [
+                    "config",
+                    "format",
+                    "weights MiB",
+                    "RSS before MiB",
+                    "peak RSS MiB",
+                    "peak - before",
+                    "s",
+                    "",
+                ],
+                body,
+            )
+        )
+    loaded = [r for r in rows if r.get("status", "").startswith("ok")]
+    if loaded:
+        body = [
+            [
+                r["bench"],
+                r["config"],
+                PEER_LABELS.get(r["peer"], r["peer"]),
+                " / ".join(str((la or [None])[0]) for la in r.get("load_average", [])) or "-",
+                _fmt(r.get("other_cores"), "{:.2f}"),
+                _fmt(r.get("other_cores_max"), "{:.2f}"),
+                f"{r.get('busy_rounds', 0)} of {r['rounds']}" + ("" if not r.get("busy_rounds") else " BUSY"),
+                str(r.get("attempts", r["rounds"])),
+            ]
+            for r in loaded
+        ]
+        parts.append(
+            "**Machine load during each measurement** (other processes' CPU, in cores, while the "
+            "timed steps ran; busy: half a core or more)\n\n"
+            + _markdown(
+                ["bench", "config", "peer", "1-min load", "others (median)", "others (max)", "busy", "runs"],
+                body,
+            )
+        )
     if results.get("targets"):
         body = [[t["target"], t["text"], "met" if t["met"] else "MISSED"] for t in results["targets"]]
         parts.append("**Targets**\n\n" + _markdown(["target", "measured", ""], body))
@@ -172,6 +233,8 @@ def plot(results: dict, path: Path) -> None:
         "mlx_lm_same_blas": "#1f77b4",
         "torch_peft": "#ff7f0e",
         "torch_peft_1t": "#ffbb78",
+        "lora_course_full_logits": "#ff9896",
+        "lora_course_gguf": "#9467bd",
     }
     for ax, (bench, key, title) in zip(axes[0], panels):
         sel = [r for r in rows if r["bench"] == bench and r.get(key)]

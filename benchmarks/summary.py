@@ -46,6 +46,11 @@ def summarize(bench: str, cfg: BenchConfig, peer: str, runs: list[dict], gemm_ra
         "cpu_s",
         "prefill_cpu_s",
         "decode_cpu_s",
+        "load_s",
+        "file_bytes",
+        "weight_bytes",
+        "rss_before_mib",
+        "peak_over_weights",
     ):
         vals = [r.get(key) for r in ok]
         if any(v is not None for v in vals):
@@ -68,6 +73,13 @@ def summarize(bench: str, cfg: BenchConfig, peer: str, runs: list[dict], gemm_ra
         row["ids_equal_across_rounds"] = all(r["ids"] == ok[0]["ids"] for r in ok)
         g = generation_flops(cfg)
         row["prefill_gflops"] = g["prefill"] / ok[0]["prefill_s"] / 1e9 if ok[0]["prefill_s"] else None
+    loads = [r.get("load") or {} for r in ok]
+    others = [x["other_cores"] for x in loads if x.get("other_cores") is not None]
+    row["other_cores"] = _median(others)  # other processes' CPU use during the timed steps
+    row["other_cores_max"] = max(others) if others else None
+    row["busy_rounds"] = sum(bool(x.get("busy")) for x in loads)
+    row["load_average"] = [x.get("load_average_start") for x in loads]
+    row["attempts"] = sum(r.get("attempts", 1) for r in ok)
     row["rss_method"] = ok[0].get("rss_method")
     row["preloaded_blas"] = ok[0].get("preloaded_blas")
     row["mapped_blas"] = ok[0].get("mapped_blas")
@@ -152,7 +164,7 @@ RATIO_KEYS = {
 def ratios(raw: dict) -> list[dict]:
     out = []
     for (bench, config, peer), runs in raw.items():
-        if peer == "lora_course":
+        if peer == "lora_course" or bench not in RATIO_KEYS:  # load: no peer to compare with
             continue
         ours = raw.get((bench, config, "lora_course"))
         if not ours:

@@ -6,7 +6,10 @@ linears of every block, and one Adam update (lr 1e-4, no weight decay).
 
 - ``lora_course``: ``lora_course.training.step.make_step`` (the trainer's step: accumulate,
   normalize by tokens, grad norm, update) compiled the way ``lora_course.training.trainer``
-  compiles it, with ``apply_lora`` and, for QLoRA, ``quantize_model`` (DequantLinear).
+  compiles it, with ``apply_lora`` and, for QLoRA, ``quantize_model`` (DequantLinear), and
+  the trainer's default loss (chunked cross-entropy from a 32k vocabulary up).
+- ``lora_course_full_logits``: the same with the plain loss (the full logits at once);
+  run only where the two differ (vocabulary >= 32k), to show the memory chunking saves.
 - ``mlx_lm``: ``mlx_lm.models.llama.Model``, ``mlx_lm.tuner.utils.linear_to_lora_layers``,
   ``mlx_lm.tuner.trainer.default_loss``, ``nn.value_and_grad`` and ``optim.Adam``, with the
   step compiled as mlx-lm's trainer compiles it (``state = [model.state,
@@ -50,6 +53,7 @@ def _mlx_result(timing, cfg, model, rss_method) -> dict:
         "rss_method": rss_method,
         "mlx_peak_mib": mx.get_peak_memory() / 2**20,
         "gemm_probe_gflops": statistics.median(timing["probes"]),
+        "load": timing["load"],
     }
 
 
@@ -74,7 +78,7 @@ def run_lora_course(cfg, weights_path, data_path, quant: bool) -> dict:
     import mlx.optimizers as optim
 
     from lora_course import Model, ModelArgs, apply_lora, quantize_model
-    from lora_course.training.evaluate import loss
+    from lora_course.training.chunked_loss import default_loss
     from lora_course.training.step import make_step
 
     args = ModelArgs(
@@ -82,7 +86,9 @@ def run_lora_course(cfg, weights_path, data_path, quant: bool) -> dict:
         n_layers=cfg.n_layers,
         hidden_dim=cfg.hidden_dim,
         n_heads=cfg.n_heads,
+        n_kv_heads=cfg.kv_heads,
         vocab_size=cfg.vocab_size,
+        tie_word_embeddings=cfg.tie,
     )
     mx.random.seed(cfg.seed)
     model = Model(args)
@@ -95,6 +101,9 @@ def run_lora_course(cfg, weights_path, data_path, quant: bool) -> dict:
     optimizer.init(model.trainable_parameters())
 
     # As lora_course.training.trainer.train does it: make_step, then compile with the state.
+    # the trainer's loss: chunked over positions from a 32k vocabulary up (peer
+    # lora_course_full_logits: the plain loss, for the memory comparison)
+    loss = default_loss(model, cfg.extra.get("loss_chunk_size"))
     _, update = make_step(model, optimizer, loss)
     state = [model.state, optimizer.state, mx.random.state]
     mx.eval(state)
@@ -138,8 +147,8 @@ def run_mlx_lm(cfg, weights_path, data_path, quant: bool) -> dict:
         num_attention_heads=cfg.n_heads,
         rms_norm_eps=1e-5,
         vocab_size=cfg.vocab_size,
-        num_key_value_heads=cfg.n_heads,
-        tie_word_embeddings=False,
+        num_key_value_heads=cfg.kv_heads,
+        tie_word_embeddings=cfg.tie,
     )
     mx.random.seed(cfg.seed)
     model = Model(args)
@@ -208,12 +217,12 @@ def build_peft_model(cfg, weights_path):
         intermediate_size=cfg.hidden_dim,
         num_hidden_layers=cfg.n_layers,
         num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_heads,
+        num_key_value_heads=cfg.kv_heads,
         head_dim=cfg.head_dim,
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
         max_position_embeddings=4096,
-        tie_word_embeddings=False,
+        tie_word_embeddings=cfg.tie,
         attention_bias=False,
         mlp_bias=False,
         use_cache=False,
@@ -221,6 +230,8 @@ def build_peft_model(cfg, weights_path):
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(config).float()
     state = {k: torch.from_numpy(v) for k, v in load_npz(weights_path).items()}
+    if cfg.tie:  # one tensor, two names in the state dict
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True)
     del state
     lora = LoraConfig(
@@ -274,6 +285,7 @@ def run_torch_peft(cfg, weights_path, data_path, quant: bool) -> dict:
         "first_loss": losses[0],
         "last_loss": losses[-1],
         "torch_threads": torch.get_num_threads(),
+        "load": timing["load"],
     }
 
 

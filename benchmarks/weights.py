@@ -33,9 +33,12 @@ def make_checkpoint(cfg: BenchConfig, folder: Path) -> tuple[Path, Path]:
         w[f"model.layers.{i}.input_layernorm.weight"] = np.ones(cfg.dim, np.float32)
         w[f"model.layers.{i}.post_attention_layernorm.weight"] = np.ones(cfg.dim, np.float32)
     w["model.norm.weight"] = np.ones(cfg.dim, np.float32)
-    w["lm_head.weight"] = rng.standard_normal((cfg.vocab_size, cfg.dim), np.float32) / np.float32(
-        np.sqrt(cfg.dim)
-    )
+    if cfg.tie:  # the head is the embedding: scale it like a linear's weight
+        w["model.embed_tokens.weight"] /= np.float32(np.sqrt(cfg.dim))
+    else:
+        w["lm_head.weight"] = rng.standard_normal((cfg.vocab_size, cfg.dim), np.float32) / np.float32(
+            np.sqrt(cfg.dim)
+        )
     tokens = rng.integers(0, cfg.vocab_size, (cfg.batch, cfg.seq + 1), dtype=np.int32)
     prompt = rng.integers(0, cfg.vocab_size, (cfg.prompt_len,), dtype=np.int32)
     weights_path, data_path = folder / "weights.npz", folder / "data.npz"
@@ -54,6 +57,7 @@ def load_into_mlx(model, path: str | Path) -> None:
     """Copy the checkpoint into an MLX model (ours or mlx-lm's), strictly by name."""
     import mlx.core as mx
 
-    arrays = [(k, mx.array(v)) for k, v in load_npz(path).items()]
+    with np.load(path, allow_pickle=False) as f:  # one numpy array in memory at a time
+        arrays = [(k, mx.array(f[k])) for k in f.files]
     model.load_weights(arrays, strict=True)
     mx.eval(model.parameters())

@@ -1,6 +1,6 @@
 """One measurement in a fresh process: ``python -m benchmarks.worker '<json spec>'``.
 
-The spec names the benchmark (``lora``, ``qlora``, ``generation``, ``gemm``), the peer,
+The spec names the benchmark (``lora``, ``qlora``, ``generation``, ``load``, ``gemm``), the peer,
 the configuration and the checkpoint files. The worker sets the peer's BLAS up
 *before* anything imports ``mlx.core``, runs the measurement, and prints one line
 ``BENCH_RESULT {json}``. mlx-lm workers never import lora_course (checked).
@@ -15,12 +15,14 @@ import time
 # peer -> (BLAS setup kind, implementation); see blas.py and train_step.py
 PEERS = {
     "lora_course": ("lora_course", "lora_course"),
+    "lora_course_full_logits": ("lora_course", "lora_course"),  # the plain loss: see train_step.py
+    "lora_course_gguf": ("lora_course", "lora_course_gguf"),  # load bench: GGUF instead of safetensors
     "mlx_lm_stock": ("stock", "mlx_lm"),
     "mlx_lm_same_blas": ("same", "mlx_lm"),
     "torch_peft": ("torch", "torch_peft"),
     "torch_peft_1t": ("torch", "torch_peft"),  # one thread: see train_step.py
 }
-PEER_EXTRA = {"torch_peft_1t": {"torch_threads": 1}}
+PEER_EXTRA = {"torch_peft_1t": {"torch_threads": 1}, "lora_course_full_logits": {"loss_chunk_size": 0}}
 GEMM_PEERS = {"mlx": "lora_course", "numpy": "stock", "torch": "torch"}
 MARKER = "BENCH_RESULT "
 
@@ -53,6 +55,8 @@ def run(spec: dict) -> dict:
         from benchmarks import train_step as module
     elif bench == "generation":
         from benchmarks import generation as module
+    elif bench == "load":
+        from benchmarks import load_memory as module
     else:
         raise ValueError(f"unknown benchmark {bench!r}")
     runner = module.RUNNERS.get(impl)

@@ -253,6 +253,24 @@ def test_yaml_then_flags_precedence(checkpoint, tmp_path):
     assert cfg.batch_size == FineTuneConfig().batch_size and cfg.train is True
 
 
+def test_optimizer_options_from_yaml_and_flags(tmp_path):
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text("optimizer: lion\noptimizer_config:\n  betas: [0.9, 0.95]\nlora_plus_ratio: 16\n")
+    cfg = build_config(build_parser().parse_args(["train", "-c", str(cfg_file)]))
+    assert cfg.optimizer == "lion" and cfg.optimizer_config == {"betas": [0.9, 0.95]}
+    assert cfg.lora_plus_ratio == 16.0 and cfg.loss_chunk_size is None
+    argv = ["train", "--optimizer", "muon", "--optimizer-config", '{"ns_steps": 3}', "--lora-plus-ratio", "4"]
+    cfg = build_config(build_parser().parse_args([*argv, "--loss-chunk-size", "0"]))
+    assert (cfg.optimizer, cfg.optimizer_config, cfg.lora_plus_ratio) == ("muon", {"ns_steps": 3}, 4.0)
+    assert cfg.loss_chunk_size == 0
+    with pytest.raises(ValueError, match="muon has no setting 'betas'"):
+        build_config(
+            build_parser().parse_args(
+                ["train", "--optimizer", "muon", "--optimizer-config", '{"betas": [1]}']
+            )
+        )
+
+
 @pytest.mark.parametrize(
     "text,pattern",
     [
@@ -301,7 +319,7 @@ def test_cli_usage_errors(checkpoint, tmp_path, capsys):
     )
     assert code == 1 and "has no adapter_config.json" in err
     with pytest.raises(SystemExit):
-        main(["train", "--optimizer", "lion"])
+        main(["train", "--optimizer", "lamb"])
     code, out, err = cli(
         "train",
         "--model",

@@ -21,8 +21,9 @@ from lora_course.data.batching import iterate_batches
 from lora_course.training import resume as ckpt
 from lora_course.training.args import TrainingArgs
 from lora_course.training.evaluate import evaluate, loss
+from lora_course.training.optimizers import build_optimizer
 from lora_course.training.run import TrainingDivergedError
-from lora_course.training.schedules import build_optimizer, build_schedule
+from lora_course.training.schedules import build_schedule
 from lora_course.training.step import enable_grad_checkpoint, make_step
 from lora_course.training.trainer import train
 from lora_course.tree import tree_flatten, tree_unflatten
@@ -94,7 +95,7 @@ def test_from_dict_wrong_type_names_key_expected_and_got(key, value, expected):
     "key,value",
     [
         ("batch_size", 0),
-        ("optimizer", "lion"),
+        ("optimizer", "lamb"),
         ("lr_schedule", "step"),
         ("val_batches", 0),
         ("early_stopping_patience", 0),

@@ -88,10 +88,23 @@ class Model(nn.Module):
     def __call__(
         self, tokens: mx.array, cache: list[KVCache] | None = None, reference: bool = False
     ) -> mx.array:
-        h = self.model(tokens, cache, reference)  # (B, L, dim)
+        return self.head(self.hidden(tokens, cache, reference))  # (B, L, vocab)
+
+    def hidden(self, tokens: mx.array, cache: list[KVCache] | None = None, reference: bool = False):
+        """Everything but the output head: (B, L) token ids -> (B, L, dim) final hidden states.
+        A loss over a large vocabulary can then apply ``head`` a chunk at a time."""
+        return self.model(tokens, cache, reference)
+
+    @property
+    def output_layer(self) -> nn.Module:
+        """The module holding the head's weight: ``lm_head``, or the embedding when tied."""
+        return self.model.embed_tokens if self.args.tie_word_embeddings else self.lm_head
+
+    def head(self, h: mx.array) -> mx.array:
+        """The output projection, (..., dim) -> (..., vocab) logits."""
         if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)  # (B, L, vocab)
-        return self.lm_head(h)  # (B, L, vocab)
+            return self.model.embed_tokens.as_linear(h)  # h @ embed_tokens.weight^T
+        return self.lm_head(h)
 
     @property
     def layers(self) -> list[TransformerBlock]:

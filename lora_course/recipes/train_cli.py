@@ -16,6 +16,7 @@ type is an error naming the file, line and key. Taught in notebook 10.
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from lora_course.recipes.finetune import (
 from lora_course.safe_io import InputError, load_yaml, read_text
 from lora_course.training.distributed import world
 from lora_course.training.evaluate import evaluate
+from lora_course.training.optimizers import OPTIMIZERS
 
 
 @dataclass
@@ -78,8 +80,15 @@ FLAGS = [
     ("--alpha", "alpha", "LoRA alpha (scale = alpha / rank)"),
     ("--dropout", "dropout", "dropout on the adapter input"),
     ("--keys", "keys", "linear layers to adapt inside a block, e.g. self_attn.q_proj self_attn.v_proj"),
-    ("--optimizer", "optimizer", "adam, adamw, sgd or adafactor"),
-    ("--weight-decay", "weight_decay", "decoupled weight decay (adamw, sgd, adafactor)"),
+    ("--optimizer", "optimizer", "the optimizer (mlx.optimizers)"),
+    ("--weight-decay", "weight_decay", "weight decay (sgd, adamw, lion, adafactor, muon)"),
+    (
+        "--optimizer-config",
+        "optimizer_config",
+        "the optimizer's other settings as JSON, e.g. '{\"betas\": [0.9, 0.95]}'",
+    ),
+    ("--lora-plus-ratio", "lora_plus_ratio", "LoRA+: lora_b learns this many times faster than lora_a"),
+    ("--loss-chunk-size", "loss_chunk_size", "positions per cross-entropy chunk (0: off; default: auto)"),
     ("--lr-schedule", "lr_schedule", "constant, linear or cosine"),
     ("--warmup", "warmup", "linear warmup steps"),
     ("--min-learning-rate", "min_learning_rate", "where linear/cosine decay ends"),
@@ -98,11 +107,21 @@ FLAGS = [
 
 _CHOICES = {
     "fine_tune_type": ["lora", "dora", "full"],
-    "optimizer": ["adam", "adamw", "sgd", "adafactor"],
+    "optimizer": list(OPTIMIZERS),
     "lr_schedule": ["constant", "linear", "cosine"],
     "dtype": ["float32", "float16", "bfloat16"],
 }
 _PATHS = {"model", "data", "adapter_path", "resume_adapter_file"}
+
+
+def _json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"eps\": 1e-6}}', got {text!r}")
+    return value
 
 
 def add_train_command(subparsers) -> None:
@@ -124,8 +143,10 @@ def add_train_command(subparsers) -> None:
         elif name == "keys":
             p.add_argument(*names, dest=name, nargs="+", default=None, help=help_)
         else:
-            cast = int if kind.startswith("int") else float if kind.startswith("float") else str
-            metavar = {int: "N", float: "X"}.get(cast, "PATH" if name in _PATHS else "NAME")
+            cast = {"int": int, "float": float, "dict": _json_dict}.get(kind.split(" ")[0], str)
+            metavar = {int: "N", float: "X", _json_dict: "JSON"}.get(
+                cast, "PATH" if name in _PATHS else "NAME"
+            )
             p.add_argument(
                 *names,
                 dest=name,

@@ -12,7 +12,8 @@ from typing import Any
 
 from lora_course import limits
 from lora_course.config import checked_fields
-from lora_course.training.schedules import OPTIMIZERS, SCHEDULES
+from lora_course.training.optimizers import OPTIMIZERS, check_optimizer_settings
+from lora_course.training.schedules import SCHEDULES
 
 
 @dataclass
@@ -25,8 +26,10 @@ class TrainingArgs:
     lr_schedule: str = "constant"  # "constant", "linear" or "cosine" decay after warmup
     warmup: int = 0  # steps of linear warmup from 0 to learning_rate
     min_learning_rate: float = 0.0  # where linear/cosine decay ends
-    optimizer: str = "adam"  # "adam", "adamw", "sgd" or "adafactor"
-    weight_decay: float = 0.0  # decoupled weight decay (adamw, sgd, adafactor)
+    optimizer: str = "adam"  # sgd, rmsprop, adagrad, adadelta, adam, adamw, adamax, lion, adafactor, muon
+    weight_decay: float = 0.0  # weight decay (sgd, adamw, lion, adafactor, muon; others: must be 0)
+    optimizer_config: dict | None = None  # the optimizer's other settings, e.g. {"betas": [0.9, 0.95]}
+    lora_plus_ratio: float | None = None  # LoRA+: lora_b learns this many times faster; None: off
     grad_clip: float | None = None  # clip the global gradient norm to this; None: no clipping
     max_seq_length: int = 2048  # longer examples are truncated (with a warning)
     steps_per_report: int = 10  # print / call on_report every N steps
@@ -35,6 +38,7 @@ class TrainingArgs:
     save_every: int = 100  # checkpoint every N steps (and at the start and end); 0: only those
     adapter_path: str = "adapters"  # directory for adapters, checkpoints and training state
     early_stopping_patience: int | None = None  # stop after N evals without a better val loss
+    loss_chunk_size: int | None = None  # positions per cross-entropy chunk; None: auto (vocab >= 32k); 0: off
     grad_checkpoint: bool = False  # recompute each block in the backward pass to save memory
     seed: int = 0  # fixes data order and dropout; the same seed gives the same run
     compile: bool = True  # mx.compile the whole step (faster; off only to debug)
@@ -72,6 +76,17 @@ class TrainingArgs:
         need(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be positive (or None)")
         need(self.lr_schedule in SCHEDULES, "lr_schedule", f"choose one of {', '.join(SCHEDULES)}")
         need(self.optimizer in OPTIMIZERS, "optimizer", f"choose one of {', '.join(OPTIMIZERS)}")
+        check_optimizer_settings(self.optimizer, self.weight_decay, self.optimizer_config)
+        need(
+            self.lora_plus_ratio is None or self.lora_plus_ratio > 0,
+            "lora_plus_ratio",
+            "must be positive (or None)",
+        )
+        need(
+            self.loss_chunk_size is None or self.loss_chunk_size >= 0,
+            "loss_chunk_size",
+            "must be 0 or more (or None)",
+        )
         need(
             self.early_stopping_patience is None or self.early_stopping_patience >= 1,
             "early_stopping_patience",

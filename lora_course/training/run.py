@@ -49,6 +49,8 @@ TRAJECTORY_KEYS = (
     "min_learning_rate",
     "optimizer",
     "weight_decay",
+    "optimizer_config",
+    "lora_plus_ratio",
     "grad_clip",
     "max_seq_length",
     "seed",

@@ -1,16 +1,14 @@
-"""Learning-rate schedules with warmup, and optimizers chosen by name.
+"""Learning-rate schedules with warmup (the optimizers by name are in ``optimizers.py``).
 
-Both are thin: the curves and the update rules are ``mlx.optimizers``' own
-(``linear_schedule``, ``cosine_decay``, ``join_schedules``; ``Adam``, ``AdamW``,
-``SGD``, ``Adafactor``). What this module adds is the recipe the trainer uses:
+Thin: the curves are ``mlx.optimizers``' own (``linear_schedule``, ``cosine_decay``,
+``join_schedules``). What this module adds is the recipe the trainer uses:
 
     warmup (linear, 0 -> lr over ``warmup`` steps)  then  one of
       constant:  lr
       linear:    lr -> min_lr, straight line over the remaining steps
       cosine:    min_lr + (lr - min_lr) * (1 + cos(pi * t / T)) / 2   (Loshchilov & Hutter, 2017)
 
-Adam is Kingma & Ba (2015), AdamW Loshchilov & Hutter (2019), Adafactor Shazeer &
-Stern (2018). Notebook 10 plots every schedule.
+Notebook 10 plots every schedule.
 """
 
 from __future__ import annotations
@@ -21,7 +19,6 @@ import mlx.core as mx
 import mlx.optimizers as optim
 
 SCHEDULES = ("constant", "linear", "cosine")
-OPTIMIZERS = ("adam", "adamw", "sgd", "adafactor")
 
 
 def build_schedule(
@@ -44,22 +41,3 @@ def build_schedule(
     # Step 0 of warmup has lr 0: the first update only initializes the optimizer's moments.
     ramp = optim.linear_schedule(0.0, learning_rate, warmup)
     return optim.join_schedules([ramp, main], [warmup])
-
-
-def build_optimizer(name: str, learning_rate: float | Callable, weight_decay: float = 0.0) -> optim.Optimizer:
-    """An ``mlx.optimizers`` optimizer by name; ``learning_rate`` may be a schedule."""
-    if name == "adam":
-        return optim.Adam(learning_rate=learning_rate)
-    if name == "adamw":
-        return optim.AdamW(learning_rate=learning_rate, weight_decay=weight_decay)
-    if name == "sgd":
-        return optim.SGD(learning_rate=learning_rate, weight_decay=weight_decay)
-    if name == "adafactor":
-        # Our schedule drives the step size, so Adafactor's own relative step is off.
-        return optim.Adafactor(
-            learning_rate=learning_rate,
-            relative_step=False,
-            scale_parameter=False,
-            weight_decay=weight_decay,
-        )
-    raise ValueError(f"optimizer: unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")

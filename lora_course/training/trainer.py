@@ -32,10 +32,11 @@ from tqdm.auto import tqdm
 from lora_course.data.batching import iterate_batches
 from lora_course.training import resume as ckpt
 from lora_course.training.args import TrainingArgs
-from lora_course.training.evaluate import loss
+from lora_course.training.chunked_loss import default_loss
 from lora_course.training.losses import distillation_loss
+from lora_course.training.optimizers import build_optimizer
 from lora_course.training.run import Run, TrainingHistory, count_iterations
-from lora_course.training.schedules import build_optimizer, build_schedule
+from lora_course.training.schedules import build_schedule
 from lora_course.training.step import enable_grad_checkpoint, make_step
 from lora_course.tree import tree_unflatten
 
@@ -71,7 +72,7 @@ def train(
     args: TrainingArgs | dict | None = None,
     *,
     optimizer=None,
-    loss_fn: Callable = loss,
+    loss_fn: Callable | None = None,
     callbacks=None,
     teacher: nn.Module | None = None,
     distill: str = "kl",
@@ -83,7 +84,9 @@ def train(
 ) -> TrainingHistory:
     """Train ``model``'s trainable parameters on ``train_set``; see ``TrainingArgs`` for options.
 
-    ``loss_fn(model, inputs, targets, mask) -> (loss, ntoks)`` is the objective; with a
+    ``loss_fn(model, inputs, targets, mask) -> (loss, ntoks)`` is the objective (default:
+    the cross-entropy, chunked over positions for a large vocabulary, see
+    ``chunked_loss.py`` and ``args.loss_chunk_size``); with a
     ``teacher`` it becomes a distillation loss (``distill`` "kl" or "js", see training/losses.py).
     ``resume=True`` continues from ``args.adapter_path``'s training state (or from the
     directory given as ``resume``). ``adapter_config`` goes into ``adapter_config.json``.
@@ -93,13 +96,17 @@ def train(
     args = args if isinstance(args, TrainingArgs) else TrainingArgs.from_dict(args or {})
     if teacher is not None:
         loss_fn = distillation_loss(teacher, kind=distill, temperature=temperature)
+    elif loss_fn is None:
+        loss_fn = default_loss(model, args.loss_chunk_size)
     size = mx.distributed.init().size()
     iters, per_epoch = count_iterations(model, train_set, args, size)
     if optimizer is None:
         schedule = build_schedule(
             args.lr_schedule, args.learning_rate, iters, args.warmup, args.min_learning_rate
         )
-        optimizer = build_optimizer(args.optimizer, schedule, args.weight_decay)
+        optimizer = build_optimizer(
+            args.optimizer, schedule, args.weight_decay, args.optimizer_config, args.lora_plus_ratio
+        )
     optimizer.init(model.trainable_parameters())
 
     run = Run(model, optimizer, args, val_set, loss_fn, list(callbacks or []), adapter_config, verbose)
