@@ -40,9 +40,9 @@ def _rss_mib() -> float:
 
 def _write(cfg, folder: Path, fmt: str) -> int:
     """Seeded random float16 weights of ``cfg``'s shape; returns the file's size in bytes."""
-    import mlx.core as mx
-
     from lora_course import Model, ModelArgs
+
+    import mlx.core as mx
 
     args = ModelArgs(
         dim=cfg.dim,
@@ -88,9 +88,9 @@ def _flat(model):
 
 
 def run(cfg, weights_path, data_path, quant: bool = False, fmt: str = "safetensors") -> dict:
-    import mlx.core as mx
-
     from lora_course import Model, ModelArgs, load
+
+    import mlx.core as mx
 
     with tempfile.TemporaryDirectory(prefix="lora_course_load_") as tmp:
         folder = Path(tmp)

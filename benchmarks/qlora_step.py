@@ -30,15 +30,15 @@ VARIANTS = ("fp32", "qlora", "stock")
 
 
 def run_variant(opts) -> dict:
-    import mlx.core as mx
-    import mlx.nn as nn
-    import mlx.optimizers as optim
-
     import lora_course  # noqa: F401  (BLAS before mlx)
     from lora_course import Model, ModelArgs, apply_lora
     from lora_course.quant.dequant import DequantLinear
     from lora_course.quant.layers import quantize_model
     from lora_course.quant.size import model_size
+
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
 
     mx.random.seed(0)
     args = ModelArgs(

@@ -74,12 +74,12 @@ def _reset_mlx_memory():
 
 
 def run_lora_course(cfg, weights_path, data_path, quant: bool) -> dict:
-    import mlx.core as mx
-    import mlx.optimizers as optim
-
     from lora_course import Model, ModelArgs, apply_lora, quantize_model
     from lora_course.training.chunked_loss import default_loss
     from lora_course.training.step import make_step
+
+    import mlx.core as mx
+    import mlx.optimizers as optim
 
     args = ModelArgs(
         dim=cfg.dim,

@@ -27,9 +27,9 @@ import stat
 import struct
 from pathlib import Path
 
-import yaml
-
 from lora_course.limits import MAX_CONFIG_BYTES, MAX_HEADER_BYTES, MAX_YAML_NODES
+
+import yaml
 
 
 class InputError(ValueError):

@@ -2,11 +2,11 @@
 
 import os
 
+import lora_course  # noqa: F401  (loads the optimized BLAS before mlx.core)
+
 import mlx.core as mx
 import pytest
 from hypothesis import HealthCheck, settings
-
-import lora_course  # noqa: F401  (loads the optimized BLAS before mlx.core)
 
 # "ci" keeps property tests fast and deterministic; "dev" explores more.
 settings.register_profile("ci", deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])

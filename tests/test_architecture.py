@@ -12,9 +12,9 @@ import ast
 import importlib
 from pathlib import Path
 
-import pytest
-
 import lora_course
+
+import pytest
 
 PACKAGE = Path(lora_course.__file__).parent
 MAX_LINES = 350

@@ -5,11 +5,11 @@ import json
 import os
 import stat
 
-import mlx.core as mx
-import pytest
-
 import lora_course  # noqa: F401  (BLAS before mlx)
 from lora_course import atomic
+
+import mlx.core as mx
+import pytest
 
 
 def full_disk_after(n_bytes):

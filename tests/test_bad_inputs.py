@@ -24,9 +24,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlx.core as mx
-import pytest
-
 import lora_course  # noqa: F401  (BLAS before mlx)
 from lora_course import (
     AdapterError,
@@ -53,6 +50,9 @@ from lora_course.tokenizer.base import TokenizerError
 from lora_course.tokenizer.spm import Tokenizer
 from lora_course.training.evaluate import loss
 from lora_course.training.run import TrainingDivergedError
+
+import mlx.core as mx
+import pytest
 
 VOCAB = 400  # byte fallback needs 256 byte pieces plus the characters
 WORDS = "the model layer token weight rank def return import self for in if else".split()

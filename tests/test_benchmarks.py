@@ -126,8 +126,9 @@ def test_real_shape_features_chunked_loss_and_gguf(tmp_path):
 
 
 def test_chunking_threshold_matches_the_library():
-    from benchmarks.configs import CHUNKED_VOCAB, PRESETS
     from lora_course.training.chunked_loss import CHUNKED_VOCAB as LIBRARY
+
+    from benchmarks.configs import CHUNKED_VOCAB, PRESETS
 
     assert CHUNKED_VOCAB == LIBRARY
     assert PRESETS["llama-3.2-1b"].vocab_size >= CHUNKED_VOCAB > PRESETS["medium"].vocab_size

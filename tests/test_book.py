@@ -8,9 +8,9 @@ import importlib
 import re
 from pathlib import Path
 
-import yaml
-
 import lora_course  # noqa: F401  (preloads the BLAS before anything imports mlx.core)
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOK = ROOT / "book"

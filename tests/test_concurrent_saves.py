@@ -15,10 +15,10 @@ import subprocess
 import sys
 import time
 
-import mlx.core as mx
-
 import lora_course  # noqa: F401  (BLAS before mlx)
 from lora_course import AdapterError, Model, ModelArgs, apply_lora, load_adapters
+
+import mlx.core as mx
 
 ROUNDS = 30
 

@@ -15,7 +15,7 @@ For adapters, fused models (``lora_course.save``, MLX and HF layouts) and datase
 naming the output directory and leaves every byte of the previous version in place with
 no temporary files, or it succeeds and the directory holds exactly the new version.
 Training runs are checked the same way and must then resume to the uninterrupted
-run's losses bitwise. SIGKILL at random moments is ``tests/test_trainer_crash.py``.
+run's losses bitwise. SIGKILL at random moments is ``tests/training/test_resume.py``.
 """
 
 from __future__ import annotations
@@ -28,9 +28,6 @@ import os
 import random
 import stat
 from pathlib import Path
-
-import mlx.core as mx
-import pytest
 
 import lora_course  # noqa: F401  (BLAS before mlx)
 from lora_course import (
@@ -51,6 +48,9 @@ from lora_course import (
 )
 from lora_course.tokenizer.spm import Tokenizer
 from lora_course.training import resume as ckpt
+
+import mlx.core as mx
+import pytest
 
 # ----------------------------------------------------------------------------- a failing disk
 

@@ -7,12 +7,12 @@ transformers, and a SentencePiece ``tokenizer.model`` for ``lora_course.load``.
 
 import json
 
+import lora_course as lc
+from lora_course.tree import tree_flatten
+
 import mlx.core as mx
 import numpy as np
 import pytest
-
-import lora_course as lc
-from lora_course.tree import tree_flatten
 
 pytestmark = pytest.mark.reference
 

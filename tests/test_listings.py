@@ -15,9 +15,9 @@ import json
 import re
 from pathlib import Path
 
-import pytest
-
 from lora_course.notebook import render_source
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = re.compile(r"^`lora_course/(?P<path>[\w/]+)\.py` — `(?P<qualname>[\w.]+)`\n```python\n")

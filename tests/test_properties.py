@@ -1,7 +1,7 @@
 """Generated inputs at every loader: the documented error or a correct result, nothing else.
 
 The dataset loaders, tree utilities and quantizer have their own property tests
-(tests/test_data.py: 1,100 cases, tests/test_tree.py: 1,300, tests/test_quant.py: 1,200
+(tests/data/test_datasets.py: 1,100 cases, tests/test_tree.py: 1,300, tests/quant/test_quantize.py: 1,200
 in the "ci" profile). Here hypothesis fuzzes the three JSON/YAML configs users hand us,
 where a KeyError or TypeError from deep inside would be the failure: ``config.json``
 (checkpoint.read_config), ``adapter_config.json`` (load_adapters) and the training
@@ -17,10 +17,6 @@ import json
 import tempfile
 from pathlib import Path
 
-import mlx.core as mx
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 import lora_course  # noqa: F401  (BLAS before mlx)
 from lora_course import (
     AdapterError,
@@ -35,6 +31,10 @@ from lora_course.adapters.files import load_adapters
 from lora_course.checkpoint.config import read_config
 from lora_course.config import ConfigError
 from lora_course.tree import tree_flatten
+
+import mlx.core as mx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 TMP = Path(tempfile.mkdtemp(prefix="lora_course_props_"))
 

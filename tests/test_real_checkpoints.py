@@ -15,16 +15,16 @@ import pytest
 torch = pytest.importorskip("torch", reason="reference tests need the 'reference' extra (torch)")
 transformers = pytest.importorskip("transformers", reason="reference tests need the 'reference' extra")
 
-import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
-from tiny_checkpoints import KINDS, LLAMA3_ROPE, build  # noqa: E402
-from tiny_tokenizers import TEXTS  # noqa: E402
-
 import lora_course as lc  # noqa: E402
 from lora_course import CheckpointError  # noqa: E402
 from lora_course.model.generate import generate_tokens  # noqa: E402
 from lora_course.model.rope import RoPE, llama3_inv_freq, rope_reference  # noqa: E402
 from lora_course.recipes.cli import main  # noqa: E402
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+from tiny_checkpoints import KINDS, LLAMA3_ROPE, build  # noqa: E402
+from tiny_tokenizers import TEXTS  # noqa: E402
 
 pytestmark = pytest.mark.reference
 

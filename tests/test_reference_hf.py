@@ -13,9 +13,6 @@ import pytest
 torch = pytest.importorskip("torch", reason="reference tests need the 'reference' extra (torch)")
 transformers = pytest.importorskip("transformers", reason="reference tests need the 'reference' extra")
 
-import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
-
 import lora_course  # noqa: E402,F401  (BLAS before mlx)
 from lora_course import CheckpointError, load, save  # noqa: E402
 from lora_course.checkpoint import meta as meta_format  # noqa: E402
@@ -24,6 +21,9 @@ from lora_course.recipes import convert as conversion
 from lora_course.recipes.cli import main  # noqa: E402
 from lora_course.tokenizer.train import train_tokenizer  # noqa: E402
 from lora_course.tree import tree_flatten  # noqa: E402
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
 
 pytestmark = pytest.mark.reference
 

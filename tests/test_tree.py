@@ -2,15 +2,15 @@
 
 from collections import namedtuple
 
+import lora_course  # noqa: F401  (preloads the BLAS; must come before mlx.core)
+from lora_course.tree import tree_flatten, tree_map, tree_unflatten
+
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.utils as mu
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import lora_course  # noqa: F401  (preloads the BLAS; must come before mlx.core)
-from lora_course.tree import tree_flatten, tree_map, tree_unflatten
 
 Pair = namedtuple("Pair", ["first", "second"])
 

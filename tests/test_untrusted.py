@@ -22,9 +22,6 @@ import re
 import tokenize
 from pathlib import Path
 
-import mlx.core as mx
-import pytest
-
 import lora_course  # noqa: F401  (BLAS before mlx)
 from lora_course import (
     AdapterError,
@@ -45,6 +42,9 @@ from lora_course import (
 from lora_course.tokenizer.base import TokenizerError
 from lora_course.tokenizer.spm import Tokenizer
 from lora_course.training import resume as ckpt
+
+import mlx.core as mx
+import pytest
 
 PACKAGE = Path(lora_course.__file__).parent
 

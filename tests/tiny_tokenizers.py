@@ -164,9 +164,9 @@ def qwen2_folder(folder: Path, vocab_size: int = 400) -> Path:
 def sentencepiece_folder(folder: Path, vocab_size: int = 400) -> Path:
     """A SentencePiece BPE model converted by transformers' ``LlamaTokenizerFast``, adding
     BOS as Llama 2 does; tokenizer.model is deleted afterwards."""
-    from transformers import LlamaTokenizerFast
-
     from lora_course.tokenizer.train import train_tokenizer
+
+    from transformers import LlamaTokenizerFast
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -14,14 +14,14 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-import mlx.core as mx
-import mlx.nn as nn
-
 from lora_course.adapters.dora import DoRALinear
 from lora_course.adapters.lora import LoRALinear, check_hyper, lora_scale
 from lora_course.limits import memory_problem
 from lora_course.quant.layers import dequantized, is_quantized, linear_dims
 from lora_course.tree import tree_flatten, tree_unflatten
+
+import mlx.core as mx
+import mlx.nn as nn
 
 KINDS = ("lora", "dora", "full")  # what apply_lora can do to a block ("full": mlx-lm's name)
 # The name that says what "full" does; both spellings work, files record mlx-lm's "full".

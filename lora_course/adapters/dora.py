@@ -20,11 +20,11 @@ Taught in notebook 06 (DoRA, full fine-tuning and merging).
 
 from __future__ import annotations
 
-import mlx.core as mx
-import mlx.nn as nn
-
 from lora_course.adapters.lora import LoRALinear
 from lora_course.quant.layers import dense_weight
+
+import mlx.core as mx
+import mlx.nn as nn
 
 
 def row_norms(w: mx.array) -> mx.array:

@@ -25,9 +25,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
-
 from lora_course import atomic
 from lora_course.adapters.apply import LoRAConfig, apply_lora
 from lora_course.adapters.format import (
@@ -44,6 +41,9 @@ from lora_course.adapters.format import (
 )
 from lora_course.adapters.peft import read_peft, save_peft, write_peft
 from lora_course.tree import tree_flatten
+
+import mlx.core as mx
+import mlx.nn as nn
 
 
 def save_adapters(model: nn.Module, path, config=None, format: str = "mlx") -> Path:

@@ -15,11 +15,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
-
 from lora_course import atomic
 from lora_course.adapters.apply import KINDS, LoRAConfig
 from lora_course.safe_io import InputError, check_safetensors, read_json_object
+
+import mlx.core as mx
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
 

@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import math
 
-import mlx.core as mx
-import mlx.nn as nn
-
 from lora_course.limits import MAX_RANK, int_in_range
 from lora_course.quant.layers import (
     dense_weight,
@@ -31,6 +28,9 @@ from lora_course.quant.layers import (
     linear_dims,
     quantize_like,
 )
+
+import mlx.core as mx
+import mlx.nn as nn
 
 
 def lora_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:

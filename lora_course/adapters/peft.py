@@ -13,9 +13,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
-import mlx.nn as nn
-
 from lora_course import atomic
 from lora_course.adapters.apply import LoRAConfig
 from lora_course.adapters.format import (
@@ -26,6 +23,9 @@ from lora_course.adapters.format import (
     read_safetensors,
 )
 from lora_course.tree import tree_flatten
+
+import mlx.core as mx
+import mlx.nn as nn
 
 
 def read_peft(raw: dict[str, Any], path: Path) -> tuple[LoRAConfig, dict[str, mx.array], Path]:

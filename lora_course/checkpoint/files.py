@@ -9,10 +9,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import mlx.core as mx
-
 from lora_course.checkpoint import hub
 from lora_course.safe_io import InputError, check_safetensors, read_json_object
+
+import mlx.core as mx
 
 BASE_DIR = Path(__file__).parent.parent / "assets" / "base"  # the course's embedded base model
 

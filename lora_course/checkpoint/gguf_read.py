@@ -37,9 +37,6 @@ import re
 import warnings
 from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
-
 from lora_course.checkpoint.files import CheckpointError
 from lora_course.checkpoint.gguf_header import (
     GROUP_SIZE,
@@ -56,6 +53,9 @@ from lora_course.model.transformer import Model
 from lora_course.quant.layers import use_dequant_layers
 from lora_course.tokenizer.gguf import tokenizer_from_gguf
 from lora_course.tree import tree_flatten
+
+import mlx.core as mx
+import mlx.nn as nn
 
 # llama.cpp tensor names -> ours (without the .weight / .bias suffix); gguf_write.py inverts them
 GGUF_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}

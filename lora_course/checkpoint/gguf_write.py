@@ -28,9 +28,6 @@ import re
 import struct
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
-
 from lora_course import atomic
 from lora_course.checkpoint.files import CheckpointError
 from lora_course.checkpoint.gguf_header import ARRAY, GGUF_MAGIC, STRING
@@ -41,6 +38,9 @@ from lora_course.model.rope import llama3_factors
 from lora_course.model.transformer import Model
 from lora_course.tokenizer.gguf import tokenizer_to_gguf
 from lora_course.tree import tree_flatten
+
+import mlx.core as mx
+import numpy as np
 
 GGUF_TYPES = {"f32": 0, "f16": 1, "q8_0": 7}  # our name -> general.file_type (llama_ftype)
 TENSOR_TYPE = {"F32": 0, "F16": 1, "Q8_0": 8}  # ggml_type ids this writer emits

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import re
 
-import mlx.core as mx
-import mlx.nn as nn
-
 from lora_course.checkpoint.files import (
     CheckpointError,
 )
@@ -19,6 +16,9 @@ from lora_course.checkpoint.meta import interleaved_to_halves
 from lora_course.model.transformer import Model
 from lora_course.quant.quantize import dequantize
 from lora_course.tree import tree_flatten
+
+import mlx.core as mx
+import mlx.nn as nn
 
 
 def quantized_modules(model) -> dict[str, nn.Module]:

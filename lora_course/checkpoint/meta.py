@@ -27,13 +27,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import mlx.core as mx
-
 from lora_course.checkpoint.config import read_config
 from lora_course.checkpoint.files import CheckpointError, mx_load, read_json
 from lora_course.checkpoint.weights import load_weights
 from lora_course.model.transformer import Model
 from lora_course.safe_io import InputError, regular_file
+
+import mlx.core as mx
 
 META_NAMES = [  # Meta / Mistral original name -> ours
     (r"^tok_embeddings\.", "model.embed_tokens."),

@@ -9,8 +9,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import mlx.core as mx
-
 from lora_course import atomic
 from lora_course.checkpoint.files import (
     CHECKPOINT_FILES,
@@ -25,6 +23,8 @@ from lora_course.checkpoint.weights import FLOATS
 from lora_course.model.transformer import Model
 from lora_course.tokenizer.spm import Tokenizer
 from lora_course.tree import tree_flatten
+
+import mlx.core as mx
 
 
 def _quantization_config(model) -> dict | None:

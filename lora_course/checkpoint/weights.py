@@ -9,15 +9,15 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
-
 from lora_course.checkpoint.files import CheckpointError, dtype_name, mx_load
 from lora_course.model.args import ModelArgs
 from lora_course.model.transformer import Model
 from lora_course.quant.layers import use_dequant_layers
 from lora_course.quant.quantize import QuantizationError, check_params
 from lora_course.tree import tree_flatten
+
+import mlx.core as mx
+import mlx.nn as nn
 
 FLOATS = (mx.float16, mx.bfloat16, mx.float32)
 

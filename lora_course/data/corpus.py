@@ -42,10 +42,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from lora_course import atomic
 from lora_course.data.walker import import_quietly, public
+
+import numpy as np
 
 # "stdlib" stands for every module in sys.stdlib_module_names.
 DEFAULT_PACKAGES = ("stdlib", "numpy", "matplotlib", "yaml", "tqdm")

@@ -35,8 +35,6 @@ import warnings
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
-
 from lora_course.data.records import (
     DatasetError,
     DatasetWarning,
@@ -47,6 +45,8 @@ from lora_course.data.records import (
     txt_texts,
 )
 from lora_course.tokenizer.spm import Tokenizer
+
+import numpy as np
 
 ROLES = ("system", "user", "assistant")
 

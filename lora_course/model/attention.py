@@ -9,12 +9,12 @@ incremental decoding. The hot path is MLX's fused attention (through ``fastmath`
 
 from __future__ import annotations
 
-import mlx.core as mx
-import mlx.nn as nn
-
 from lora_course.model import fastmath
 from lora_course.model.args import ModelArgs
 from lora_course.model.rope import RoPE, inv_frequencies
+
+import mlx.core as mx
+import mlx.nn as nn
 
 
 def causal_mask(q_len: int, k_len: int) -> mx.array:

@@ -22,7 +22,7 @@ forward's powers.
 
 The fast path is used only where it is faster: the CPU device on Linux x86-64. On
 macOS (Accelerate / NEON) and on GPUs each function is the MLX op it replaces, which
-is also its plain reference (``tests/test_fastmath.py`` checks the two agree). Set
+is also its plain reference (``tests/model/test_fastmath.py`` checks the two agree). Set
 ``LORA_COURSE_FAST_MATH=0`` to turn it off, ``=1`` to force it on.
 Measured in ``benchmarks/`` (see its README); not yet taught in a notebook (notebook 11,
 on making training go faster, is its natural home).

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-import mlx.core as mx
-
 from lora_course import limits
 from lora_course.model.transformer import make_cache
+
+import mlx.core as mx
 
 PREFILL_STEP = 512  # prompt tokens per forward pass while filling the cache
 

@@ -7,7 +7,7 @@ rotary position embeddings (Su et al., 2021), grouped-query attention
 
 The parts live one module each (``norm``, ``rope``,
 ``attention``); this module has the SwiGLU feed-forward and assembles them. Every
-layer has two paths that must agree (tests/test_model.py proves it):
+layer has two paths that must agree (tests/model/test_transformer.py proves it):
 the hot path calls MLX's fused kernels (``mx.fast.rms_norm``, ``mx.fast.rope``,
 ``mx.fast.scaled_dot_product_attention``), and a ``*_reference`` function spells
 out the same math with basic ``mx`` ops, for reading.
@@ -19,13 +19,13 @@ this tree one to one. Taught in notebooks 02 (normalization) and 03 (attention).
 
 from __future__ import annotations
 
-import mlx.core as mx
-import mlx.nn as nn
-
 from lora_course.model import fastmath
 from lora_course.model.args import ModelArgs
 from lora_course.model.attention import Attention, KVCache
 from lora_course.model.norm import RMSNorm
+
+import mlx.core as mx
+import mlx.nn as nn
 
 
 class FeedForward(nn.Module):

@@ -8,12 +8,12 @@ checkpoint code what a (possibly packed) layer holds. Taught in notebooks 07-08.
 
 from __future__ import annotations
 
-import mlx.core as mx
-import mlx.nn as nn
-
 from lora_course.quant.dequant import DequantEmbedding, DequantLinear
 from lora_course.quant.quantize import QuantizationError, check_params, quantize
 from lora_course.tree import tree_unflatten
+
+import mlx.core as mx
+import mlx.nn as nn
 
 QUANTIZED_CLASSES = (nn.QuantizedLinear, nn.QuantizedEmbedding)
 

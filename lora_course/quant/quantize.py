@@ -6,7 +6,7 @@ QLoRA (Dettmers et al., 2023, "QLoRA: Efficient Finetuning of Quantized LLMs") f
 the base model in 4 bits and trains LoRA adapters on top. MLX stores such weights with
 *affine group-wise* quantization (MLX docs: ``mlx.core.quantize``, mode ``"affine"``).
 This module is that quantizer, op for op, so you can read it; its outputs are
-bit-identical to ``mx.quantize`` / ``mx.dequantize`` (tests/test_quant.py checks every
+bit-identical to ``mx.quantize`` / ``mx.dequantize`` (tests/quant/test_quantize.py checks every
 bits x group-size pair).
 
 The math, for one group of ``g`` consecutive weights ``w_1..w_g`` in a row and ``b`` bits:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import mlx.core as mx
-import mlx.nn as nn
-
 from lora_course.quant.layers import QUANTIZED_CLASSES
 from lora_course.tree import tree_flatten
+
+import mlx.core as mx
+import mlx.nn as nn
 
 
 @dataclass

@@ -12,8 +12,6 @@ import importlib
 import platform
 import sys
 
-import mlx.core as mx
-
 from lora_course import blas
 from lora_course.recipes.commands import (
     add_convert_command,
@@ -26,6 +24,8 @@ from lora_course.recipes.commands import (
 )
 from lora_course.recipes.train_cli import add_train_command
 from lora_course.version import __version__
+
+import mlx.core as mx
 
 
 def add_info_command(subparsers) -> None:

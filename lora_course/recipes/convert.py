@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlx.core as mx
-
 from lora_course.checkpoint.files import DEFAULT_SHARD_MB, CheckpointError
 from lora_course.checkpoint.load import load
 from lora_course.checkpoint.save import quantized_modules, save
@@ -20,6 +18,8 @@ from lora_course.checkpoint.weights import FLOATS
 from lora_course.model.transformer import Model
 from lora_course.quant.layers import quantize_model
 from lora_course.tree import tree_map
+
+import mlx.core as mx
 
 
 def _quantize(model: Model, group_size: int = 64, bits: int = 4) -> Model:

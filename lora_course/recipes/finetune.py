@@ -18,9 +18,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
-import mlx.nn as nn
-
 from lora_course.adapters.apply import apply_lora, fuse
 from lora_course.adapters.files import load_adapters
 from lora_course.adapters.lora import check_hyper
@@ -34,6 +31,9 @@ from lora_course.training.args import TrainingArgs
 from lora_course.training.resume import STATE_FILE
 from lora_course.training.run import TrainingHistory
 from lora_course.training.trainer import train
+
+import mlx.core as mx
+import mlx.nn as nn
 
 
 @dataclass

@@ -33,8 +33,6 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
-
 from lora_course import atomic
 from lora_course.checkpoint.files import CHECKPOINT_FILES
 from lora_course.checkpoint.save import save
@@ -58,6 +56,8 @@ from lora_course.training.plots import (
 )
 from lora_course.training.trainer import train
 from lora_course.tree import tree_flatten
+
+import mlx.core as mx
 
 LOG_FILE = "training_log.json"
 CURVE_FILE = "training_curve.png"

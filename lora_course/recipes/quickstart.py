@@ -25,8 +25,6 @@ import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import mlx.core as mx
-
 from lora_course.checkpoint.load import load
 from lora_course.data.datasets import TokenizedDataset, load_dataset
 from lora_course.data.docstrings import build_docstring_dataset
@@ -40,6 +38,8 @@ from lora_course.training.plots import (
     plot_train_loss,
     save_png,
 )
+
+import mlx.core as mx
 
 RESULTS_FILE = "results.json"
 CURVE_FILE = "loss_curve.png"

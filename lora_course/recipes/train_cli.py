@@ -20,8 +20,6 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import yaml
-
 from lora_course.adapters.files import load_adapters
 from lora_course.config import ConfigError, checked_fields
 from lora_course.limits import is_int, is_number
@@ -36,6 +34,8 @@ from lora_course.safe_io import InputError, load_yaml, read_text
 from lora_course.training.distributed import world
 from lora_course.training.evaluate import evaluate
 from lora_course.training.optimizers import OPTIMIZERS
+
+import yaml
 
 
 @dataclass

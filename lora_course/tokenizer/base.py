@@ -15,11 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-from jinja2 import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
 from lora_course import safe_io
 from lora_course.limits import MAX_TOKENIZER_BYTES, TEMPLATE_CHARS, TEMPLATE_SECONDS
+
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 
 class TokenizerError(ValueError):

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import json
 
+from lora_course.tokenizer.base import TokenizerError
+from lora_course.tokenizer.hf import HFTokenizer
+from lora_course.tokenizer.spm import Tokenizer
+
 import mlx.core as mx
 import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as RustTokenizer
-
-from lora_course.tokenizer.base import TokenizerError
-from lora_course.tokenizer.hf import HFTokenizer
-from lora_course.tokenizer.spm import Tokenizer
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 SPACE = "\u2581"  # SentencePiece's "▁"

@@ -16,10 +16,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-from tokenizers import Tokenizer as RustTokenizer
-from tokenizers.decoders import DecodeStream
-
 from lora_course import atomic
 from lora_course.tokenizer.base import (
     TokenizerError,
@@ -28,6 +24,10 @@ from lora_course.tokenizer.base import (
     read_json_object,
     render_chat_template,
 )
+
+import numpy as np
+from tokenizers import Tokenizer as RustTokenizer
+from tokenizers.decoders import DecodeStream
 
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 

@@ -16,11 +16,11 @@ import os
 import re
 from pathlib import Path
 
-import numpy as np
-import sentencepiece as spm
-
 from lora_course import atomic
 from lora_course.tokenizer.base import TokenizerError, read_chat_template, read_file, render_chat_template
+
+import numpy as np
+import sentencepiece as spm
 
 SPACE = "\u2581"  # "▁": how SentencePiece writes a space inside a piece
 

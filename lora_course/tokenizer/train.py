@@ -12,10 +12,10 @@ import os
 import re
 from pathlib import Path
 
-import sentencepiece as spm
-
 from lora_course import atomic
 from lora_course.tokenizer.spm import Tokenizer
+
+import sentencepiece as spm
 
 # Settings for decode(encode(s)) == s on ordinary text (the reasons are in notebook 04).
 TRAIN_DEFAULTS = dict(

@@ -14,7 +14,7 @@ with the head (``Model.head``), reduce them to a sum of masked token losses, and
 them. Each chunk is wrapped in ``mx.checkpoint`` (Chen et al., 2016), so the backward
 pass recomputes that chunk's logits instead of keeping them: at any moment only one
 chunk's (chunk, vocab) logits and their gradient exist. The value and the gradients
-are the plain loss's (``tests/test_chunked_loss.py``: tied, untied and quantized
+are the plain loss's (``tests/training/test_chunked_loss.py``: tied, untied and quantized
 heads), at the price of a second head GEMM per chunk in the backward pass.
 Apple's "Cut Your Losses in Large-Vocabulary Language Models" (Wijmans et al., 2024)
 takes the same idea down to a fused kernel. Not yet taught in a notebook (notebook 11,
@@ -25,11 +25,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import mlx.core as mx
-import mlx.nn as nn
-
 from lora_course.model.fastmath import cross_entropy
 from lora_course.training.evaluate import loss
+
+import mlx.core as mx
+import mlx.nn as nn
 
 CHUNKED_VOCAB = 32768  # from this vocabulary size up, the trainer's default loss is chunked
 CHUNK_LOGITS = 2**24  # logits per chunk when the size is automatic: 64 MiB of float32

@@ -11,7 +11,7 @@ update. ``train`` does this by itself when it finds more than one process:
 
 Because the gradient is divided by the *global* token count, N processes with B/N
 rows each take exactly the step one process takes with B rows (up to float rounding;
-``tests/test_distributed.py`` checks <= 1e-5).
+``tests/training/test_distributed.py`` checks <= 1e-5).
 
 Launching. ``mlx.launch`` starts the processes and tells each its rank:
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from lora_course.data.batching import iterate_batches
+from lora_course.model.fastmath import cross_entropy
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-
-from lora_course.data.batching import iterate_batches
-from lora_course.model.fastmath import cross_entropy
 
 
 def loss(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array):

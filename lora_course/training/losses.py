@@ -12,7 +12,7 @@ same scale as T changes. Per position, over the vocabulary:
 KL is the classic choice; JS (Jensen-Shannon) is symmetric and bounded by log 2,
 which keeps early training stable when the two models disagree a lot. Everything
 is computed in float32 from log-softmax values, never from raw probabilities, so
-tiny probabilities do not underflow. ``tests/test_losses.py`` checks both against
+tiny probabilities do not underflow. ``tests/training/test_losses.py`` checks both against
 NumPy. Taught in notebook 10.
 """
 

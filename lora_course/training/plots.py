@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import io
 
-import numpy as np
-
 from lora_course import atomic
+
+import numpy as np
 
 
 def new_figure(figsize=(6.4, 3.6)):

@@ -22,9 +22,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
-import mlx.nn as nn
-
 from lora_course.adapters.files import save_adapters
 from lora_course.adapters.format import ADAPTER_WEIGHTS
 from lora_course.atomic import (
@@ -37,6 +34,9 @@ from lora_course.atomic import (
 from lora_course.limits import is_int, is_number
 from lora_course.safe_io import InputError, check_safetensors
 from lora_course.tree import tree_flatten, tree_unflatten
+
+import mlx.core as mx
+import mlx.nn as nn
 
 STATE_FILE = "training_state.safetensors"
 _STATE_KEY = "lora_course_training_state"

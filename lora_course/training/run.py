@@ -12,14 +12,14 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
-
 from lora_course.adapters.format import AdapterError
 from lora_course.training import resume as ckpt
 from lora_course.training.args import TrainingArgs
 from lora_course.training.evaluate import check_token_ids, evaluate
 from lora_course.tree import tree_flatten
+
+import mlx.core as mx
+import mlx.nn as nn
 
 
 class TrainingDivergedError(ValueError):

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from lora_course.tree import tree_flatten, tree_map
+
 import mlx.core as mx
 import mlx.nn as nn
-
-from lora_course.tree import tree_flatten, tree_map
 
 
 def _global_norm(grads) -> mx.array:

@@ -24,11 +24,6 @@ import math
 import time
 from collections.abc import Callable
 
-import mlx.core as mx
-import mlx.nn as nn
-import numpy as np
-from tqdm.auto import tqdm
-
 from lora_course.data.batching import iterate_batches
 from lora_course.training import resume as ckpt
 from lora_course.training.args import TrainingArgs
@@ -39,6 +34,11 @@ from lora_course.training.run import Run, TrainingHistory, count_iterations
 from lora_course.training.schedules import build_schedule
 from lora_course.training.step import enable_grad_checkpoint, make_step
 from lora_course.tree import tree_unflatten
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from tqdm.auto import tqdm
 
 
 def _micro_seed(seed: int, micro: int, rank: int) -> int:

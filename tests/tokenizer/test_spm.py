@@ -3,12 +3,12 @@
 import json
 import random
 
+from lora_course import Tokenizer, train_tokenizer
+from lora_course.tokenizer.base import TokenizerError
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from lora_course import Tokenizer, train_tokenizer
-from lora_course.tokenizer.base import TokenizerError
 
 WORDS = (
     "the a of model layer token weight rank alpha train loss data batch "

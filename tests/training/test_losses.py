@@ -2,10 +2,6 @@
 
 import math
 
-import mlx.core as mx
-import numpy as np
-import pytest
-
 import lora_course  # noqa: F401  (BLAS before mlx)
 from lora_course import Model, ModelArgs
 from lora_course.adapters.apply import apply_lora
@@ -13,6 +9,10 @@ from lora_course.training.args import TrainingArgs
 from lora_course.training.evaluate import evaluate
 from lora_course.training.losses import distillation_loss, js_div_loss, kl_div_loss
 from lora_course.training.trainer import train
+
+import mlx.core as mx
+import numpy as np
+import pytest
 
 
 def np_log_softmax(x, t):

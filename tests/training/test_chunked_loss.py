@@ -1,11 +1,6 @@
 """The chunked cross-entropy equals the plain loss: value and gradients (LoRA parameters and
 hidden states), tied, untied and quantized heads; and the trainer picks it by vocabulary size."""
 
-import mlx.core as mx
-import mlx.nn as nn
-import numpy as np
-import pytest
-
 import lora_course  # noqa: F401  (BLAS before mlx)
 from lora_course import Model, ModelArgs
 from lora_course.adapters.apply import apply_lora
@@ -22,6 +17,11 @@ from lora_course.training.chunked_loss import (
 from lora_course.training.evaluate import loss
 from lora_course.training.trainer import train
 from lora_course.tree import tree_flatten, tree_unflatten
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
 
 
 def make_model(tied: bool, quantized: bool = False, vocab: int = 256):

@@ -7,11 +7,6 @@ import random
 import subprocess
 import sys
 
-import mlx.core as mx
-import mlx.nn as nn
-import numpy as np
-import pytest
-
 import lora_course  # noqa: F401  (BLAS before mlx)
 from lora_course import CheckpointError, Model, ModelArgs, atomic, load, save, stream_generate
 from lora_course import checkpoint as ck
@@ -20,6 +15,11 @@ from lora_course.model.generate import DiffDetokenizer, detokenize, filter_logit
 from lora_course.recipes import convert as conversion
 from lora_course.recipes.cli import main
 from lora_course.tokenizer.train import train_tokenizer
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
 
 WORDS = "the model layer token weight rank def return import self for in if else".split()
 VOCAB = 400  # byte fallback needs 256 byte pieces plus the characters

@@ -5,10 +5,10 @@ import json
 import sys
 import textwrap
 
-import pytest
-
 from lora_course import build_docstring_dataset, load_dataset, train_tokenizer
 from lora_course.recipes.cli import main
+
+import pytest
 
 PKG = "lc_fakepkg"
 FILES = {

@@ -1,12 +1,12 @@
 """fastmath: every fast function equals the MLX op it replaces, values and gradients."""
 
+import lora_course  # noqa: F401  (BLAS before mlx)
+from lora_course.model import fastmath as fastmath
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-
-import lora_course  # noqa: F401  (BLAS before mlx)
-from lora_course.model import fastmath as fastmath
 
 
 @pytest.fixture

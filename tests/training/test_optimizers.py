@@ -1,10 +1,5 @@
 """Optimizers by name (all ten of mlx.optimizers), their settings, LoRA+, and exact resume with each."""
 
-import mlx.core as mx
-import mlx.optimizers as optim
-import numpy as np
-import pytest
-
 import lora_course  # noqa: F401  (BLAS before mlx)
 from lora_course import Model, ModelArgs
 from lora_course.adapters.apply import apply_lora
@@ -16,6 +11,11 @@ from lora_course.training.optimizers import OPTIMIZERS, build_optimizer, is_lora
 from lora_course.training.step import make_step
 from lora_course.training.trainer import train
 from lora_course.tree import tree_unflatten
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+import pytest
 
 ARGS = ModelArgs(dim=32, n_layers=2, hidden_dim=64, n_heads=4, n_kv_heads=2, vocab_size=64)
 # A learning rate at which a few steps of each clearly lower the loss of the tiny model.

@@ -1,14 +1,14 @@
 """The transformer: fused kernels agree with the plain math and with mlx.nn; the KV cache is exact."""
 
-import mlx.core as mx
-import mlx.nn as nn
-import numpy as np
-import pytest
-
 import lora_course as lc
 from lora_course.model.attention import attention_reference
 from lora_course.model.norm import rms_norm_reference
 from lora_course.model.rope import rope_reference
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
 
 
 def max_err(a, b):

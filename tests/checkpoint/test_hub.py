@@ -1,10 +1,10 @@
 """Hub ids (hub.py): a cache laid out by the test, HF_HUB_OFFLINE, local paths first. No network."""
 
-import mlx.core as mx
-import pytest
-
 import lora_course as lc
 from lora_course.checkpoint import hub
+
+import mlx.core as mx
+import pytest
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 

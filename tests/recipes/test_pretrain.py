@@ -3,13 +3,13 @@
 import json
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
-import pytest
-
 import lora_course  # noqa: F401  (BLAS before mlx)
 from lora_course.data.corpus import build_corpus, module_names, save_corpus
 from lora_course.recipes.pretrain import PretrainConfig, init_weights, pack, pretrain
+
+import mlx.core as mx
+import numpy as np
+import pytest
 
 ASSETS = Path(lora_course.__file__).parent / "assets" / "base"
 TINY = dict(

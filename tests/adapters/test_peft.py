@@ -6,14 +6,14 @@ libraries; nothing is downloaded.
 
 import json
 
-import mlx.core as mx
-import numpy as np
-import pytest
-
 import lora_course as lc
 from lora_course import AdapterError
 from lora_course.adapters.files import export_peft
 from lora_course.tree import tree_flatten
+
+import mlx.core as mx
+import numpy as np
+import pytest
 
 IDS = [[1, 17, 42, 99, 7, 250, 3, 64, 128, 5]]
 KEYS = ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]

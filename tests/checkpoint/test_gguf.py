@@ -9,11 +9,6 @@ must carry it too (the fuse test), and weights-only files load with a warning.
 import dataclasses
 import warnings
 
-import mlx.core as mx
-import mlx.nn as nn
-import numpy as np
-import pytest
-
 import lora_course as lc
 from lora_course import CheckpointError
 from lora_course.checkpoint.gguf_header import read_header
@@ -21,6 +16,11 @@ from lora_course.checkpoint.gguf_read import gguf_to_hf_name
 from lora_course.checkpoint.gguf_write import gguf_metadata, gguf_tensors, halves_to_interleaved, write_gguf
 from lora_course.checkpoint.meta import interleaved_to_halves
 from lora_course.tree import tree_flatten
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
 
 IDS = mx.array([[1, 17, 42, 99, 7, 250, 3, 64, 128, 5]])
 pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.ggml:UserWarning")  # weights-only files

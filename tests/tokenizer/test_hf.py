@@ -4,11 +4,6 @@ import json
 import shutil
 import time
 
-import mlx.core as mx
-import numpy as np
-import pytest
-from tiny_tokenizers import TEXTS, llama3_folder, qwen2_folder, sentencepiece_folder
-
 import lora_course as lc  # noqa: F401  (BLAS before mlx)
 from lora_course.tokenizer.base import TokenizerError
 from lora_course.tokenizer.gguf import tokenizer_from_gguf, tokenizer_to_gguf
@@ -16,6 +11,11 @@ from lora_course.tokenizer.hf import HFTokenizer
 from lora_course.tokenizer.load import load_tokenizer
 from lora_course.tokenizer.spm import Tokenizer
 from lora_course.tokenizer.train import train_tokenizer
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from tiny_tokenizers import TEXTS, llama3_folder, qwen2_folder, sentencepiece_folder
 
 BUILDERS = {"llama3": llama3_folder, "qwen2": qwen2_folder, "sentencepiece": sentencepiece_folder}
 MESSAGES = [

@@ -3,11 +3,11 @@
 import json
 from pathlib import Path
 
-import mlx.core as mx
-import pytest
-
 import lora_course
 from lora_course.recipes.cli import main
+
+import mlx.core as mx
+import pytest
 
 ASSETS = Path(lora_course.__file__).parent / "assets" / "base"
 TINY_FLAGS = [

@@ -13,12 +13,12 @@ import textwrap
 import time
 from pathlib import Path
 
-import pytest
-
 import lora_course  # noqa: F401  (BLAS before mlx)
 from lora_course import Model
 from lora_course.adapters.files import load_adapters
 from lora_course.training import resume as ckpt
+
+import pytest
 
 WORKER = textwrap.dedent(
     """

@@ -6,12 +6,6 @@ import json
 import math
 import re
 
-import mlx.core as mx
-import mlx.nn as nn
-import mlx.optimizers as optim
-import numpy as np
-import pytest
-
 import lora_course  # noqa: F401  (BLAS before mlx)
 from lora_course import Model, ModelArgs, atomic
 from lora_course.adapters.apply import apply_lora
@@ -27,6 +21,12 @@ from lora_course.training.schedules import build_schedule
 from lora_course.training.step import enable_grad_checkpoint, make_step
 from lora_course.training.trainer import train
 from lora_course.tree import tree_flatten, tree_unflatten
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+import pytest
 
 ARGS = ModelArgs(dim=32, n_layers=2, hidden_dim=64, n_heads=4, n_kv_heads=2, vocab_size=64)
 

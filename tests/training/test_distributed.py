@@ -5,11 +5,11 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
-import pytest
-
 import lora_course  # noqa: F401  (BLAS before mlx)
 from lora_course.training.distributed import launch, launcher
+
+import numpy as np
+import pytest
 
 WORKER = textwrap.dedent(
     """

@@ -4,15 +4,15 @@ import errno
 import json
 import os
 
-import mlx.core as mx
-import pytest
-
 import lora_course as lc
 from lora_course.adapters.apply import apply_lora
 from lora_course.adapters.files import convert_peft_adapter, load_adapters, save_adapters
 from lora_course.adapters.format import AdapterError
 from lora_course.adapters.lora import LoRALinear
 from lora_course.tree import tree_flatten
+
+import mlx.core as mx
+import pytest
 
 TOKENS = mx.array([[3, 1, 4, 1, 5, 9, 2, 6]])
 

@@ -1,12 +1,5 @@
 """Our quantizer against MLX's: same packed words, scales and biases, bit for bit."""
 
-import mlx.core as mx
-import numpy as np
-import pytest
-from hypothesis import event, given, settings
-from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
-
 import lora_course  # noqa: F401  (BLAS before mlx)
 from lora_course.quant.quantize import (
     MAX_ABS_WEIGHT,
@@ -18,6 +11,13 @@ from lora_course.quant.quantize import (
     quantize,
     unpack,
 )
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 
@@ -221,9 +221,6 @@ def test_property_pack_unpack_round_trip(bits, packs, data):
 
 # -- whole models ------------------------------------------------------------------------
 
-import mlx.nn as nn  # noqa: E402
-import mlx.optimizers as optim  # noqa: E402
-
 from lora_course import Model, ModelArgs, apply_lora, fuse  # noqa: E402
 from lora_course.quant.dequant import (
     DequantEmbedding,  # noqa: E402
@@ -233,6 +230,9 @@ from lora_course.quant.dequant import (
 from lora_course.quant.layers import quantize_model, use_dequant_layers
 from lora_course.quant.size import effective_bits, model_size
 from lora_course.tree import tree_flatten  # noqa: E402
+
+import mlx.nn as nn  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
 
 BLOCK_LINEARS = [
     "self_attn.q_proj",

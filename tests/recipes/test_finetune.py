@@ -6,9 +6,6 @@ import math
 import random
 import re
 
-import mlx.core as mx
-import pytest
-
 import lora_course  # noqa: F401  (BLAS before mlx)
 from lora_course import Model, ModelArgs, load, save, train_tokenizer
 from lora_course.config import ConfigError
@@ -16,6 +13,9 @@ from lora_course.recipes.cli import build_parser, main
 from lora_course.recipes.finetune import FineTuneConfig, FineTuneResult, finetune
 from lora_course.recipes.train_cli import build_config
 from lora_course.training.resume import load_training_state
+
+import mlx.core as mx
+import pytest
 
 WORDS = "the model layer token weight rank alpha learns fast slow small big".split()
 

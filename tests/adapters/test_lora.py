@@ -2,16 +2,16 @@
 
 import math
 
-import mlx.core as mx
-import mlx.nn as nn
-import numpy as np
-import pytest
-
 import lora_course as lc
 from lora_course.adapters.apply import LoRAConfig, apply_lora, count_parameters, fuse
 from lora_course.adapters.dora import DoRALinear, dora_reference, row_norms
 from lora_course.adapters.lora import LoRALinear
 from lora_course.tree import tree_flatten
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
 
 
 def max_err(a, b):

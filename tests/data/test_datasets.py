@@ -8,12 +8,12 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from lora_course import DatasetError, TokenizedDataset, load_dataset, train_tokenizer
+from lora_course.data.records import DatasetWarning
+
 import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
-
-from lora_course import DatasetError, TokenizedDataset, load_dataset, train_tokenizer
-from lora_course.data.records import DatasetWarning
 
 WORDS = (
     "the a of model layer token weight rank alpha train loss data batch user "
