@@ -31,7 +31,7 @@ def _timed(cmd: list[str], timeout: float) -> dict:
 
 
 def quickstart_available() -> bool:
-    probe = "import lora_course.recipes.cli as c; print('quickstart' in c._COMMANDS)"
+    probe = "import lora_course.recipes.commands as c; print(hasattr(c, 'add_quickstart_command'))"
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
     return out.returncode == 0 and out.stdout.strip().endswith("True")
 
@@ -41,7 +41,7 @@ def quickstart(timeout: float = 3600) -> dict:
     if not quickstart_available():
         return {"status": "not available (no `lora-course quickstart` command in this checkout)"}
     with tempfile.TemporaryDirectory() as tmp:
-        return _timed([sys.executable, "-m", "lora_course.recipes.cli", "quickstart", "--out", tmp], timeout)
+        return _timed([sys.executable, "-m", "lora_course", "quickstart", "--out", tmp], timeout)
 
 
 def _notebook_paths() -> list[str]:
