@@ -12,10 +12,13 @@ so the positions can be taken a chunk at a time: run the transformer once to get
 hidden states h (``Model.hidden``), then for each chunk of positions compute its logits
 with the head (``Model.head``), reduce them to a sum of masked token losses, and drop
 them. Each chunk is wrapped in ``mx.checkpoint`` (Chen et al., 2016), so the backward
-pass recomputes that chunk's logits instead of keeping them: at any moment only one
-chunk's (chunk, vocab) logits and their gradient exist. The value and the gradients
+pass recomputes that chunk's logits instead of keeping them for it. The value and the gradients
 are the plain loss's (``tests/training/test_chunked_loss.py``: tied, untied and quantized
 heads), at the price of a second head GEMM per chunk in the backward pass.
+Measured so far it saves less than it should: MLX evaluates the chunks' independent head
+matmuls side by side rather than one chunk after another, so several chunks' logits are
+alive at once (at the Llama-3.2-1B shape, batch 1 x 512: 46 MiB less peak; see
+``benchmarks/README.md``, "Memory at the Llama-3.2-1B shape").
 Apple's "Cut Your Losses in Large-Vocabulary Language Models" (Wijmans et al., 2024)
 takes the same idea down to a fused kernel. Not yet taught in a notebook (notebook 11,
 on making training go faster, is its home).
