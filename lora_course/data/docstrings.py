@@ -1,14 +1,16 @@
 """A Q/A dataset made from the docstrings of installed packages.
 
-The idea comes from the MLX LoRA example's walkthrough (our seed 001): a library's
-docstrings are free, well-written training data about that library. For every public
+The idea comes from the MLX LoRA example's walkthrough: a library's docstrings are
+free, well-written training data about that library. For every public
 class, function, method and property with a docstring we write one record,
 
     {"text": "Q: What is ReLU in mlx?\\nA: mlx.nn.ReLU Applies the Rectified Linear Unit..."}
 
 named by its shortest public import path (``mlx.nn.ReLU``, not
 ``mlx.nn.layers.activations.ReLU``), and split the records into train/valid/test
-jsonl files that ``load_dataset`` reads. Taught in notebook 09 (data).
+jsonl files that ``load_dataset`` reads. With ``answer="summary"`` the answer is only
+the name and the docstring's first sentence (``first_sentence``), a short fact that a
+small model can learn in minutes; the quickstart uses it. Taught in notebook 09 (data).
 
 Deterministic for a given environment: modules are walked in sorted order, records are
 sorted by name, the split is shuffled by ``seed``. Submodules that fail to import are
@@ -91,7 +93,29 @@ def clean_docstring(doc) -> str:
     return re.sub(r"\n{3,}", "\n\n", doc).strip()
 
 
-def _collect(package: str) -> tuple[list[tuple[str, str]], int, list[str]]:
+# a docstring that opens with its own signature (compiled functions: "sinh(a: array, /, ...) -> array")
+_SIGNATURE = re.compile(r"^[A-Za-z_][\w.]*\(.*\)(\s*->.*)?$", re.S)
+_SENTENCE_END = re.compile(r"(?<![.\s][a-z])(?<!\be\.g)(?<!\bi\.e)\.(\s|$)")
+
+
+def first_sentence(doc: str) -> str:
+    """The first sentence of a cleaned docstring, on one line; "" when there is none.
+
+    A leading signature paragraph is skipped; the sentence ends at the first period that
+    is followed by whitespace or the end of the first prose paragraph (a paragraph that
+    ends without a period ends the sentence there).
+    """
+    paragraphs = [p for p in re.split(r"\n\s*\n", doc) if p.strip()]
+    while paragraphs and _SIGNATURE.match(" ".join(paragraphs[0].split())):
+        paragraphs.pop(0)
+    if not paragraphs:
+        return ""
+    text = " ".join(paragraphs[0].split())
+    m = _SENTENCE_END.search(text)
+    return text[: m.start() + 1] if m else text
+
+
+def _collect(package: str, answer: str = "docstring") -> tuple[list[tuple[str, str]], int, list[str]]:
     """(records as (path, text), modules imported, failed module names) for one package."""
     failures: list[str] = []
     modules = _walk(package, failures)
@@ -122,6 +146,8 @@ def _collect(package: str) -> tuple[list[tuple[str, str]], int, list[str]]:
                 entries.pop(0)  # the signature dataclasses write for themselves
         for qualname, doc in entries:
             doc = clean_docstring(doc)
+            if answer == "summary":
+                doc = first_sentence(doc)
             if doc:
                 text = f"Q: What is {qualname} in {top}?\nA: {module}.{qualname} {doc}"
                 records.append((f"{module}.{qualname}", text))
@@ -149,6 +175,7 @@ def build_docstring_dataset(
     test_fraction: float = 0.1,
     seed: int = 0,
     workers: int | None = None,
+    answer: str = "docstring",
 ) -> dict:
     """Write ``train/valid/test.jsonl`` of docstring Q/A records into ``out_dir``.
 
@@ -158,13 +185,17 @@ def build_docstring_dataset(
     processes, one package each. Importing dominates the time and each process pays
     its own start-up, so on 2 cores it is slower (20 stdlib packages, 3,239 records:
     1.0 s in-process, 3.5 s with 2 spawned workers, 1.6 s even with fork); the default
-    (None) therefore walks in this process. Returns counts: records per split, ``records``,
+    (None) therefore walks in this process. ``answer="summary"`` answers with the name
+    and ``first_sentence`` of the docstring only (names without one are left out);
+    the default ``"docstring"`` with the whole docstring. Returns counts: records per split, ``records``,
     ``modules`` imported, ``import_failures`` (skipped), and ``seconds``.
     """
     if not 0 <= test_fraction < 0.5:
         raise ValueError(
             f"test_fraction must be in [0, 0.5) (valid and test each get it), got {test_fraction}"
         )
+    if answer not in ("docstring", "summary"):
+        raise ValueError(f"answer={answer!r}: choose 'docstring' or 'summary'")
     if seq_limit < 1:
         raise ValueError(f"seq_limit must be positive, got {seq_limit}")
     packages = [packages] if isinstance(packages, str) else list(packages)
@@ -172,9 +203,9 @@ def build_docstring_dataset(
     if workers and workers > 1 and len(packages) > 1:
         spawn = multiprocessing.get_context("spawn")  # never fork a process that runs MLX threads
         with ProcessPoolExecutor(min(workers, len(packages)), mp_context=spawn) as pool:
-            results = list(pool.map(_collect, packages))
+            results = list(pool.map(_collect, packages, [answer] * len(packages)))
     else:
-        results = [_collect(p) for p in packages]
+        results = [_collect(p, answer) for p in packages]
     by_path = {}
     for records, _, _ in results:
         for path, text in records:

@@ -211,12 +211,18 @@ def add_dataset_command(subparsers) -> None:
     p.add_argument("--test-fraction", type=float, default=0.1, help="fraction for valid and for test")
     p.add_argument("--seed", type=int, default=0, help="seed of the split")
     p.add_argument("--workers", type=int, default=None, help="processes (one package each)")
+    p.add_argument(
+        "--answer",
+        choices=["docstring", "summary"],
+        default="docstring",
+        help="answer with the whole docstring, or the name and its first sentence (default: %(default)s)",
+    )
     p.set_defaults(func=_dataset)
 
 
 def _dataset(args) -> int:
     counts = build_docstring_dataset(
-        args.packages, args.out, args.seq_limit, args.test_fraction, args.seed, args.workers
+        args.packages, args.out, args.seq_limit, args.test_fraction, args.seed, args.workers, args.answer
     )
     print(
         f"wrote {args.out}: train {counts['train']}, valid {counts['valid']}, test {counts['test']} "
