@@ -10,7 +10,7 @@ named by its shortest public import path (``mlx.nn.ReLU``, not
 ``mlx.nn.layers.activations.ReLU``), and split the records into train/valid/test
 jsonl files that ``load_dataset`` reads. With ``answer="summary"`` the answer is only
 the name and the docstring's first sentence (``first_sentence``), a short fact that a
-small model can learn in minutes; the quickstart uses it. Taught in notebook 09 (data).
+small model can learn in minutes (``"sentence"``: the first sentence alone). Taught in notebook 09 (data).
 
 Deterministic for a given environment: modules are walked in sorted order, records are
 sorted by name, the split is shuffled by ``seed``. Submodules that fail to import are
@@ -116,6 +116,7 @@ def first_sentence(doc: str) -> str:
 
 
 def _collect(package: str, answer: str = "docstring") -> tuple[list[tuple[str, str]], int, list[str]]:
+    """(records as (path, "Q: ...\\nA: ..." text), modules imported, failed module names)."""
     """(records as (path, text), modules imported, failed module names) for one package."""
     failures: list[str] = []
     modules = _walk(package, failures)
@@ -146,10 +147,11 @@ def _collect(package: str, answer: str = "docstring") -> tuple[list[tuple[str, s
                 entries.pop(0)  # the signature dataclasses write for themselves
         for qualname, doc in entries:
             doc = clean_docstring(doc)
-            if answer == "summary":
+            if answer != "docstring":
                 doc = first_sentence(doc)
             if doc:
-                text = f"Q: What is {qualname} in {top}?\nA: {module}.{qualname} {doc}"
+                name = "" if answer == "sentence" else f"{module}.{qualname} "
+                text = f"Q: What is {qualname} in {top}?\nA: {name}{doc}"
                 records.append((f"{module}.{qualname}", text))
     return records, len(modules), failures
 
@@ -168,6 +170,13 @@ def _split(records: list[str], test_fraction: float, seed: int) -> dict[str, lis
     }
 
 
+def _record(text: str, completion: bool) -> dict:
+    if not completion:
+        return {"text": text}
+    question, answer = text.split("\nA:", 1)
+    return {"prompt": question + "\nA:", "completion": answer}
+
+
 def build_docstring_dataset(
     packages=("mlx",),
     out_dir="mlx-doc-data",
@@ -176,6 +185,7 @@ def build_docstring_dataset(
     seed: int = 0,
     workers: int | None = None,
     answer: str = "docstring",
+    completion: bool = False,
 ) -> dict:
     """Write ``train/valid/test.jsonl`` of docstring Q/A records into ``out_dir``.
 
@@ -187,15 +197,18 @@ def build_docstring_dataset(
     1.0 s in-process, 3.5 s with 2 spawned workers, 1.6 s even with fork); the default
     (None) therefore walks in this process. ``answer="summary"`` answers with the name
     and ``first_sentence`` of the docstring only (names without one are left out);
-    the default ``"docstring"`` with the whole docstring. Returns counts: records per split, ``records``,
+    ``"sentence"`` with the first sentence alone; the default ``"docstring"`` with the
+    name and the whole docstring. ``completion=True`` writes ``{"prompt": "Q: ...\\nA:",
+    "completion": " ..."}`` records (so ``mask_prompt`` can train on the answers only)
+    instead of ``{"text": ...}``. Returns counts: records per split, ``records``,
     ``modules`` imported, ``import_failures`` (skipped), and ``seconds``.
     """
     if not 0 <= test_fraction < 0.5:
         raise ValueError(
             f"test_fraction must be in [0, 0.5) (valid and test each get it), got {test_fraction}"
         )
-    if answer not in ("docstring", "summary"):
-        raise ValueError(f"answer={answer!r}: choose 'docstring' or 'summary'")
+    if answer not in ("docstring", "summary", "sentence"):
+        raise ValueError(f"answer={answer!r}: choose 'docstring', 'summary' or 'sentence'")
     if seq_limit < 1:
         raise ValueError(f"seq_limit must be positive, got {seq_limit}")
     packages = [packages] if isinstance(packages, str) else list(packages)
@@ -224,7 +237,7 @@ def build_docstring_dataset(
         with files:
             for split, texts in splits.items():
                 if texts:
-                    lines = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
+                    lines = "".join(json.dumps(_record(t, completion), ensure_ascii=False) + "\n" for t in texts)
                     files.write(out / f"{split}.jsonl", lines)
         for split in SPLITS:
             if not splits[split] and (out / f"{split}.jsonl").exists():

@@ -213,16 +213,23 @@ def add_dataset_command(subparsers) -> None:
     p.add_argument("--workers", type=int, default=None, help="processes (one package each)")
     p.add_argument(
         "--answer",
-        choices=["docstring", "summary"],
+        choices=["docstring", "summary", "sentence"],
         default="docstring",
-        help="answer with the whole docstring, or the name and its first sentence (default: %(default)s)",
+        help="answer with the name and the whole docstring, the name and its first sentence, or the "
+        "first sentence alone (default: %(default)s)",
+    )
+    p.add_argument(
+        "--completion",
+        action="store_true",
+        help="write prompt/completion records (for --mask-prompt) instead of text records",
     )
     p.set_defaults(func=_dataset)
 
 
 def _dataset(args) -> int:
     counts = build_docstring_dataset(
-        args.packages, args.out, args.seq_limit, args.test_fraction, args.seed, args.workers, args.answer
+        args.packages, args.out, args.seq_limit, args.test_fraction, args.seed, args.workers, args.answer,
+        args.completion,
     )
     print(
         f"wrote {args.out}: train {counts['train']}, valid {counts['valid']}, test {counts['test']} "
@@ -303,7 +310,8 @@ def add_quickstart_command(subparsers) -> None:
         "quickstart",
         help="LoRA-fine-tune the course model on mlx's docstrings and show before/after",
         description="Build a Q/A dataset from installed docstrings, LoRA-fine-tune a model on it and "
-        "print held-out loss, perplexity and answers before and after. Offline.",
+        "print held-out loss, perplexity, and how many seen and held-out questions it answers right, "
+        "before and after. Offline.",
     )
     p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded course model)")
     p.add_argument(
@@ -328,7 +336,9 @@ def add_quickstart_command(subparsers) -> None:
         ("max_seq_length", int),
         ("seed", int),
         ("max_samples", int),
+        ("train_records", int),
         ("questions", int),
+        ("show", int),
         ("answer_tokens", int),
     ):
         p.add_argument(
@@ -337,6 +347,19 @@ def add_quickstart_command(subparsers) -> None:
             default=getattr(d, name),
             help=f"(default: {getattr(d, name)})",
         )
+    p.add_argument(
+        "--answer",
+        choices=["summary", "sentence", "docstring"],
+        default=d.answer,
+        help="dataset answers: the name and the docstring's first sentence, or the whole docstring "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--mask-prompt",
+        action=argparse.BooleanOptionalAction,
+        default=d.mask_prompt,
+        help="train on the answers only (default: %(default)s)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_quickstart_cli)
 
