@@ -68,7 +68,7 @@ class QuickstartConfig:
     packages: tuple[str, ...] = ("mlx",)  # whose docstrings make the dataset when --data is not given
     answer: str = "summary"  # dataset answers: "summary" (name + first sentence) or "docstring"
     mask_prompt: bool = True  # loss on the answers only (the dataset is written as prompt/completion)
-    train_records: int | None = 160  # train on the first N records of the training split; None or 0: all
+    train_records: int | None = 96  # train on the first N records of the training split; None or 0: all
     iters: int = 400  # optimizer steps (about 2 minutes on 2 CPU cores)
     batch_size: int = 8  # samples per step
     learning_rate: float = 1e-3  # peak LoRA learning rate (cosine decay; 2e-3 and 3e-3 were unstable)
@@ -76,7 +76,7 @@ class QuickstartConfig:
     alpha: float = 32.0  # LoRA alpha; the update is scaled by alpha / r
     num_layers: int = -1  # adapt the last N blocks; -1: all of them
     max_seq_length: int = 96  # longer samples are truncated (the longest summary record has about 70 tokens)
-    seed: int = 7  # dataset split, LoRA init and data order (7 puts "What is ReLU in mlx?" in the training records)
+    seed: int = 7  # dataset split, LoRA init, data order; 7 puts "What is ReLU in mlx?" in training
     max_samples: int | None = None  # use only the first N training samples (and N/4 held-out ones)
     questions: int = 20  # seen and held-out questions scored before and after (each)
     show: int = 4  # of those, answers printed side by side (each kind)
@@ -146,8 +146,14 @@ def _answers(model, tokenizer, questions, max_tokens: int) -> list[str]:
 
 def _scored(questions, before, after) -> list[dict]:
     return [
-        {"question": q, "reference": ref, "before": b, "after": a,
-         "right_before": is_right(b, ref), "right_after": is_right(a, ref)}
+        {
+            "question": q,
+            "reference": ref,
+            "before": b,
+            "after": a,
+            "right_before": is_right(b, ref),
+            "right_after": is_right(a, ref),
+        }
         for (q, ref), b, a in zip(questions, before, after)
     ]
 
@@ -185,7 +191,9 @@ def quickstart(config: QuickstartConfig | None = None, progress: bool = True, ve
         model.set_dtype(mx.float32)  # MLX's CPU matmuls are fast in float32 only
     with warnings.catch_warnings(record=True) as caught:  # one short line instead of the long warning
         warnings.simplefilter("always", DatasetWarning)
-        splits = load_dataset(data_dir, tokenizer, max_seq_length=cfg.max_seq_length, mask_prompt=cfg.mask_prompt)
+        splits = load_dataset(
+            data_dir, tokenizer, max_seq_length=cfg.max_seq_length, mask_prompt=cfg.mask_prompt
+        )
     for w in caught:
         if issubclass(w.category, DatasetWarning):
             say(f"note: {str(w.message).split(' (')[0]}")
@@ -284,8 +292,10 @@ def report(results: dict, show: int | None = None) -> str:
         f"{a['perplexity'] / b['perplexity'] - 1:>+10.1%}",
         "",
         f"{'answers right':<22}{'before':>10}{'after':>10}",
-        f"{'seen (trained on)':<22}{_score(results['seen'], 'before'):>10}{_score(results['seen'], 'after'):>10}",
-        f"{'held out':<22}{_score(results['held_out'], 'before'):>10}{_score(results['held_out'], 'after'):>10}",
+        *(
+            f"{label:<22}{_score(results[key], 'before'):>10}{_score(results[key], 'after'):>10}"
+            for label, key in (("seen (trained on)", "seen"), ("held out", "held_out"))
+        ),
         f"({results['metric']})",
         "",
     ]
@@ -293,12 +303,12 @@ def report(results: dict, show: int | None = None) -> str:
     width = min(width, 46)
     for kind, items in (("seen", results["seen"]), ("held out", results["held_out"])):
         for qa in items[:show]:
-            mark = lambda ok: "right" if ok else "wrong"  # noqa: E731
             lines.append(f"[{kind}] {qa['question'].replace(chr(10) + 'A:', '')}")
             lines.append(f"  reference: {_flat(qa['reference'])}")
             left = textwrap.wrap(_flat(qa["before"]) or "(nothing)", width)[:3]
             right = textwrap.wrap(_flat(qa["after"]) or "(nothing)", width)[:3]
-            lines.append(f"  {'before (' + mark(qa['right_before']) + ')':<{width}} | after ({mark(qa['right_after'])})")
+            was, now = (("right" if qa[f"right_{w}"] else "wrong") for w in ("before", "after"))
+            lines.append(f"  {'before (' + was + ')':<{width}} | after ({now})")
             for i in range(max(len(left), len(right))):
                 before = left[i] if i < len(left) else ""
                 after = right[i] if i < len(right) else ""
