@@ -10,9 +10,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import lora_course as lc  # first: loads an optimized BLAS before MLX on Linux
-
 import matplotlib
+
+import lora_course as lc  # first: loads an optimized BLAS before MLX on Linux
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -79,8 +79,14 @@ def rope_relative(model=None, tokenizer=None):
         for n in offsets:
             kn = rope_reference(q, start + int(n), base, False)  # k = q, moved n positions on
             scores.append(float((qm * kn).sum()) / d_h)
-        axes[0].plot(offsets, scores, lw=1.5 if start == 0 else 0, marker="" if start == 0 else ".",
-                     ms=2, label=f"query at position {start}")
+        axes[0].plot(
+            offsets,
+            scores,
+            lw=1.5 if start == 0 else 0,
+            marker="" if start == 0 else ".",
+            ms=2,
+            label=f"query at position {start}",
+        )
     axes[0].set_xlabel("distance n - m between key and query")
     axes[0].set_ylabel("q·k / d_h")
     axes[0].set_title("the score depends on the distance only")
@@ -106,8 +112,13 @@ def lora_matrices(model=None, tokenizer=None):
     W = rng.normal(size=(d, d))
     B = rng.normal(size=(d, r))
     A = rng.normal(size=(r, d))
-    panels = [("W (frozen) 16×16", W), ("B 16×2", B), ("A 2×16", A), ("ΔW = B A, rank 2", B @ A),
-              ("W + ΔW", W + B @ A)]
+    panels = [
+        ("W (frozen) 16×16", W),
+        ("B 16×2", B),
+        ("A 2×16", A),
+        ("ΔW = B A, rank 2", B @ A),
+        ("W + ΔW", W + B @ A),
+    ]
     widths = [d, 3, d, d, d]
     fig, axes = plt.subplots(1, 5, figsize=(12, 3), gridspec_kw={"width_ratios": widths})
     for ax, (title, M) in zip(axes, panels):
@@ -116,7 +127,9 @@ def lora_matrices(model=None, tokenizer=None):
         ax.set_title(title, fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle("LoRA trains B and A (64 numbers) instead of W (256): every row of ΔW is a mix of A's 2 rows")
+    fig.suptitle(
+        "LoRA trains B and A (64 numbers) instead of W (256): every row of ΔW is a mix of A's 2 rows"
+    )
     return fig
 
 
@@ -128,8 +141,9 @@ def lora_parameters(model=None, tokenizer=None):
     ax.loglog(ranks, ranks * 2 * d, "o-", label="LoRA: r (d_in + d_out)")
     ax.axhline(d * d, color="tab:red", ls="--", label="full fine-tuning: d_in d_out")
     for r in (8, 64):
-        ax.annotate(f"r={r}: {r * 2 * d / d**2:.2%}", (r, r * 2 * d), textcoords="offset points",
-                    xytext=(5, -14))
+        ax.annotate(
+            f"r={r}: {r * 2 * d / d**2:.2%}", (r, r * 2 * d), textcoords="offset points", xytext=(5, -14)
+        )
     ax.set_xlabel("rank r")
     ax.set_ylabel("trainable parameters")
     ax.set_title("one 4096×4096 q_proj (Llama / Mistral 7B)")
@@ -186,8 +200,11 @@ def float_spacing(model=None, tokenizer=None):
     """The gap to the next representable number, by magnitude, for three formats."""
     x = np.logspace(-6, 6, 400)
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    for dtype, name, eps, top in ((mx.float32, "float32", 2**-23, 3.4e38), (mx.float16, "float16", 2**-10, 65504),
-                                  (mx.bfloat16, "bfloat16", 2**-7, 3.4e38)):
+    for dtype, name, eps, top in (
+        (mx.float32, "float32", 2**-23, 3.4e38),
+        (mx.float16, "float16", 2**-10, 65504),
+        (mx.bfloat16, "bfloat16", 2**-7, 3.4e38),
+    ):
         xs = mx.array(x.astype(np.float32)).astype(dtype)
         gap = np.array((mx.array(2.0) ** mx.floor(mx.log2(xs.astype(mx.float32)))) * eps)
         keep = x <= top

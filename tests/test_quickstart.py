@@ -50,7 +50,9 @@ def _check_outputs(out: Path, printed: str, n_questions: int) -> dict:
         assert qa["right_after"] == is_right(qa["after"], qa["reference"])
     lines = (Path(results["data_dir"]) / "train.jsonl").read_text().splitlines()[: results["train_samples"]]
     records = [json.loads(line) for line in lines]
-    seen_refs = {(r["completion"] if "completion" in r else r["text"].split("\nA:")[1]).strip() for r in records}
+    seen_refs = {
+        (r["completion"] if "completion" in r else r["text"].split("\nA:")[1]).strip() for r in records
+    }
     assert all(qa["reference"] in seen_refs for qa in results["seen"])  # seen questions were trained on
     assert not any(qa["reference"] in seen_refs for qa in results["held_out"])
     assert len(results["train_loss"]) == 4

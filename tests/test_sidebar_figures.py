@@ -16,10 +16,12 @@ def test_each_sidebar_has_two_figures_made_by_code_and_a_notebook_link():
         images = re.findall(r"!\[[^\]]*\]\((figures/[\w.-]+\.png)\)", text)
         assert len(images) >= 2, f"{page.name}: {len(images)} figures"
         for image in images:
-            assert (SIDEBARS / image).is_file(), f"{page.name}: {image} is missing; run python book/figures.py"
+            assert (SIDEBARS / image).is_file(), (
+                f"{page.name}: {image} is missing; run python book/figures.py"
+            )
             assert Path(image).stem in made, f"{page.name}: {image} is not made by book/figures.py"
         notebooks = re.findall(r"\]\(\.\./notebooks/([\w-]+\.ipynb)\)", text)
         assert notebooks, f"{page.name}: no link to a notebook"
         for nb in notebooks:
             assert (ROOT / "notebooks" / nb).is_file(), f"{page.name}: links a missing notebook {nb}"
-        assert not re.search(r"\bseeds?\b(?! \d)", text), f"{page.name}: internal word \"seed\""
+        assert not re.search(r"\bseeds?\b(?! \d)", text), f'{page.name}: internal word "seed"'

@@ -237,7 +237,9 @@ def build_docstring_dataset(
         with files:
             for split, texts in splits.items():
                 if texts:
-                    lines = "".join(json.dumps(_record(t, completion), ensure_ascii=False) + "\n" for t in texts)
+                    lines = "".join(
+                        json.dumps(_record(t, completion), ensure_ascii=False) + "\n" for t in texts
+                    )
                     files.write(out / f"{split}.jsonl", lines)
         for split in SPLITS:
             if not splits[split] and (out / f"{split}.jsonl").exists():

@@ -228,7 +228,13 @@ def add_dataset_command(subparsers) -> None:
 
 def _dataset(args) -> int:
     counts = build_docstring_dataset(
-        args.packages, args.out, args.seq_limit, args.test_fraction, args.seed, args.workers, args.answer,
+        args.packages,
+        args.out,
+        args.seq_limit,
+        args.test_fraction,
+        args.seed,
+        args.workers,
+        args.answer,
         args.completion,
     )
     print(

@@ -228,10 +228,7 @@ def run_train_command(args: argparse.Namespace) -> int:
         result = finetune((model, tokenizer), cfg.data, progress=getattr(args, "progress", True), **options)
         model, splits = result.model, result.data
         c = count_parameters(model)
-        say(
-            f"trainable parameters: {c['trainable']:,} of {c['total']:,} "
-            f"({c['trainable_percent']:.3f}%)"
-        )
+        say(f"trainable parameters: {c['trainable']:,} of {c['total']:,} ({c['trainable_percent']:.3f}%)")
         say(
             f"adapters saved to {result.adapter_path}/ "
             f"({result.history.stop_reason} at step {result.history.step})"
