@@ -8,7 +8,10 @@ class, function, method and property with a docstring we write one record,
 
 named by its shortest public import path (``mlx.nn.ReLU``, not
 ``mlx.nn.layers.activations.ReLU``), and split the records into train/valid/test
-jsonl files that ``load_dataset`` reads. Taught in notebook 09 (data).
+jsonl files that ``load_dataset`` reads. With ``answer="summary"`` the answer is only
+the name and the docstring's first sentence (``first_sentence``), a short fact that a
+small model can learn in minutes (``"sentence"``: the first sentence alone). Taught in
+notebook 09 (data).
 
 Deterministic for a given environment: modules are walked in sorted order, records are
 sorted by name, the split is shuffled by ``seed``. Submodules that fail to import are
@@ -21,6 +24,7 @@ import json
 import multiprocessing
 import os
 import random
+import re
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -31,7 +35,29 @@ from lora_course.data.walker import clean_docstring, documented, is_public, walk
 SPLITS = ("train", "valid", "test")
 
 
-def _collect(package: str) -> tuple[list[tuple[str, str]], int, list[str]]:
+# a docstring that opens with its own signature (compiled functions: "sinh(a: array, /, ...) -> array")
+_SIGNATURE = re.compile(r"^[A-Za-z_][\w.]*\(.*\)(\s*->.*)?$", re.S)
+_SENTENCE_END = re.compile(r"(?<![.\s][a-z])(?<!\be\.g)(?<!\bi\.e)\.(\s|$)")
+
+
+def first_sentence(doc: str) -> str:
+    """The first sentence of a cleaned docstring, on one line; "" when there is none.
+
+    A leading signature paragraph is skipped; the sentence ends at the first period that
+    is followed by whitespace or the end of the first prose paragraph (a paragraph that
+    ends without a period ends the sentence there).
+    """
+    paragraphs = [p for p in re.split(r"\n\s*\n", doc) if p.strip()]
+    while paragraphs and _SIGNATURE.match(" ".join(paragraphs[0].split())):
+        paragraphs.pop(0)
+    if not paragraphs:
+        return ""
+    text = " ".join(paragraphs[0].split())
+    m = _SENTENCE_END.search(text)
+    return text[: m.start() + 1] if m else text
+
+
+def _collect(package: str, answer: str = "docstring") -> tuple[list[tuple[str, str]], int, list[str]]:
     """(records as (path, text), modules imported, failed module names) for one package."""
     failures: list[str] = []
     modules = walk_modules(package, failures)
@@ -62,8 +88,11 @@ def _collect(package: str) -> tuple[list[tuple[str, str]], int, list[str]]:
                 entries.pop(0)  # the signature dataclasses write for themselves
         for qualname, doc in entries:
             doc = clean_docstring(doc)
+            if answer != "docstring":
+                doc = first_sentence(doc)
             if doc:
-                text = f"Q: What is {qualname} in {top}?\nA: {module}.{qualname} {doc}"
+                name = "" if answer == "sentence" else f"{module}.{qualname} "
+                text = f"Q: What is {qualname} in {top}?\nA: {name}{doc}"
                 records.append((f"{module}.{qualname}", text))
     return records, len(modules), failures
 
@@ -82,6 +111,13 @@ def _split(records: list[str], test_fraction: float, seed: int) -> dict[str, lis
     }
 
 
+def _record(text: str, completion: bool) -> dict:
+    if not completion:
+        return {"text": text}
+    question, answer = text.split("\nA:", 1)
+    return {"prompt": question + "\nA:", "completion": answer}
+
+
 def build_docstring_dataset(
     packages=("mlx",),
     out_dir="mlx-doc-data",
@@ -89,6 +125,8 @@ def build_docstring_dataset(
     test_fraction: float = 0.1,
     seed: int = 0,
     workers: int | None = None,
+    answer: str = "docstring",
+    completion: bool = False,
 ) -> dict:
     """Write ``train/valid/test.jsonl`` of docstring Q/A records into ``out_dir``.
 
@@ -98,13 +136,20 @@ def build_docstring_dataset(
     processes, one package each. Importing dominates the time and each process pays
     its own start-up, so on 2 cores it is slower (20 stdlib packages, 3,239 records:
     1.0 s in-process, 3.5 s with 2 spawned workers, 1.6 s even with fork); the default
-    (None) therefore walks in this process. Returns counts: records per split, ``records``,
+    (None) therefore walks in this process. ``answer="summary"`` answers with the name
+    and ``first_sentence`` of the docstring only (names without one are left out);
+    ``"sentence"`` with the first sentence alone; the default ``"docstring"`` with the
+    name and the whole docstring. ``completion=True`` writes ``{"prompt": "Q: ...\\nA:",
+    "completion": " ..."}`` records (so ``mask_prompt`` can train on the answers only)
+    instead of ``{"text": ...}``. Returns counts: records per split, ``records``,
     ``modules`` imported, ``import_failures`` (skipped), and ``seconds``.
     """
     if not 0 <= test_fraction < 0.5:
         raise ValueError(
             f"test_fraction must be in [0, 0.5) (valid and test each get it), got {test_fraction}"
         )
+    if answer not in ("docstring", "summary", "sentence"):
+        raise ValueError(f"answer={answer!r}: choose 'docstring', 'summary' or 'sentence'")
     if seq_limit < 1:
         raise ValueError(f"seq_limit must be positive, got {seq_limit}")
     packages = [packages] if isinstance(packages, str) else list(packages)
@@ -112,9 +157,9 @@ def build_docstring_dataset(
     if workers and workers > 1 and len(packages) > 1:
         spawn = multiprocessing.get_context("spawn")  # never fork a process that runs MLX threads
         with ProcessPoolExecutor(min(workers, len(packages)), mp_context=spawn) as pool:
-            results = list(pool.map(_collect, packages))
+            results = list(pool.map(_collect, packages, [answer] * len(packages)))
     else:
-        results = [_collect(p) for p in packages]
+        results = [_collect(p, answer) for p in packages]
     by_path = {}
     for records, _, _ in results:
         for path, text in records:
@@ -133,7 +178,9 @@ def build_docstring_dataset(
         with files:
             for split, texts in splits.items():
                 if texts:
-                    lines = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
+                    lines = "".join(
+                        json.dumps(_record(t, completion), ensure_ascii=False) + "\n" for t in texts
+                    )
                     files.write(out / f"{split}.jsonl", lines)
         for split in SPLITS:
             if not splits[split] and (out / f"{split}.jsonl").exists():

@@ -1,7 +1,8 @@
 """The ``lora-course`` command line: ``build_parser`` wires every subcommand, ``main`` runs one.
 
-The subcommands live in ``commands.py`` (generate, fuse, convert, dataset, pretrain,
-quickstart) and ``train_cli.py`` (train, with its YAML config); ``info`` is here.
+The subcommands live in ``commands.py`` (generate, fuse, convert, export-adapter),
+``course_commands.py`` (dataset, pretrain, quickstart) and ``train_cli.py`` (train, with its
+YAML config); ``info`` is here.
 Errors raised at our boundaries are printed as one line, without a traceback.
 """
 
@@ -15,10 +16,12 @@ import sys
 from lora_course import blas
 from lora_course.recipes.commands import (
     add_convert_command,
-    add_dataset_command,
     add_export_adapter_command,
     add_fuse_command,
     add_generate_command,
+)
+from lora_course.recipes.course_commands import (
+    add_dataset_command,
     add_pretrain_command,
     add_quickstart_command,
 )

@@ -1,5 +1,4 @@
-"""The ``lora-course`` subcommands other than ``train``: generate, fuse, convert, dataset,
-pretrain and quickstart.
+"""The ``lora-course`` model subcommands: generate, fuse, convert and export-adapter.
 
 Each is an ``add_<name>_command(subparsers)`` that adds an argparse parser and sets
 ``func`` to a handler that calls the library and prints. ``cli.py`` collects them;
@@ -14,7 +13,6 @@ import time
 from lora_course.adapters.files import export_peft, load_adapters
 from lora_course.checkpoint.files import DEFAULT_SHARD_MB
 from lora_course.checkpoint.load import load
-from lora_course.data.docstrings import build_docstring_dataset
 from lora_course.model.generate import (
     check_sampling,
     detokenize,
@@ -25,8 +23,6 @@ from lora_course.model.generate import (
 )
 from lora_course.recipes.convert import convert
 from lora_course.recipes.fuse import fuse_adapters
-from lora_course.recipes.pretrain import PretrainConfig, pretrain
-from lora_course.recipes.quickstart import QuickstartConfig, quickstart
 
 
 def add_generate_command(subparsers) -> None:
@@ -178,137 +174,6 @@ def _convert_cli(args) -> int:
         shard_size_mb=args.shard_size_mb,
     )
     print(f"saved {out}")
-    return 0
-
-
-def add_dataset_command(subparsers) -> None:
-    p = subparsers.add_parser("dataset", help="build a Q/A dataset from installed packages' docstrings")
-    p.add_argument("--packages", nargs="+", default=["mlx"], help="packages to walk (default: mlx)")
-    p.add_argument("--out", default="mlx-doc-data", help="output folder for train/valid/test.jsonl")
-    p.add_argument("--seq-limit", type=int, default=2048, help="cut each record to this many characters")
-    p.add_argument("--test-fraction", type=float, default=0.1, help="fraction for valid and for test")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split")
-    p.add_argument("--workers", type=int, default=None, help="processes (one package each)")
-    p.set_defaults(func=_dataset)
-
-
-def _dataset(args) -> int:
-    counts = build_docstring_dataset(
-        args.packages, args.out, args.seq_limit, args.test_fraction, args.seed, args.workers
-    )
-    print(
-        f"wrote {args.out}: train {counts['train']}, valid {counts['valid']}, test {counts['test']} "
-        f"records from {counts['modules']} modules in {counts['seconds']:.2f} s; "
-        f"{counts['import_failures']} modules failed to import and were skipped"
-        + (f" ({', '.join(counts['failed_modules'])})" if counts["failed_modules"] else "")
-    )
-    return 0
-
-
-def add_pretrain_command(subparsers) -> None:
-    d = PretrainConfig()
-    p = subparsers.add_parser(
-        "pretrain",
-        help="pretrain a small Llama from scratch on installed packages' documentation",
-        description="Build the documentation corpus, train a tokenizer and a small Llama from "
-        "scratch, and save it (the course's base model was made with the defaults).",
-    )
-    p.add_argument("--out", default="base-model", help="output directory (default: %(default)s)")
-    p.add_argument("--corpus-dir", default=None, help="also write the corpus as train/valid jsonl here")
-    p.add_argument(
-        "--packages",
-        nargs="+",
-        default=list(d.packages),
-        help="packages to read; 'stdlib' is the standard library (default: %(default)s)",
-    )
-    for name in (
-        "dim",
-        "n_layers",
-        "n_heads",
-        "n_kv_heads",
-        "hidden_dim",
-        "vocab_size",
-        "seq_length",
-        "iters",
-        "batch_size",
-        "warmup",
-        "steps_per_eval",
-        "val_batches",
-        "seed",
-        "max_documents",
-    ):
-        p.add_argument(
-            "--" + name.replace("_", "-"),
-            type=int,
-            default=getattr(d, name),
-            help=f"(default: {getattr(d, name)})",
-        )
-    for name in ("learning_rate", "min_learning_rate", "weight_decay", "grad_clip", "valid_fraction"):
-        p.add_argument(
-            "--" + name.replace("_", "-"),
-            type=float,
-            default=getattr(d, name),
-            help=f"(default: {getattr(d, name)})",
-        )
-    p.add_argument(
-        "--init", choices=["mlx", "gpt2"], default=d.init, help="initialization (default: %(default)s)"
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bar or report lines")
-    p.set_defaults(func=_pretrain_cli)
-
-
-def _pretrain_cli(args) -> int:
-    cfg = PretrainConfig.from_dict(vars(args))
-    pretrain(cfg, args.out, corpus_dir=args.corpus_dir, progress=not args.quiet, verbose=not args.quiet)
-    return 0
-
-
-def add_quickstart_command(subparsers) -> None:
-    d = QuickstartConfig()
-    p = subparsers.add_parser(
-        "quickstart",
-        help="LoRA-fine-tune the course model on mlx's docstrings and show before/after",
-        description="Build a Q/A dataset from installed docstrings, LoRA-fine-tune a model on it and "
-        "print held-out loss, perplexity and answers before and after. Offline.",
-    )
-    p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded course model)")
-    p.add_argument(
-        "--data",
-        default=None,
-        help="dataset folder with train.jsonl and valid/test.jsonl (default: build one from --packages)",
-    )
-    p.add_argument("--out", default=d.out, help="output directory (default: %(default)s)")
-    p.add_argument(
-        "--packages",
-        nargs="+",
-        default=list(d.packages),
-        help="packages whose docstrings make the dataset (default: %(default)s)",
-    )
-    for name, typ in (
-        ("iters", int),
-        ("batch_size", int),
-        ("learning_rate", float),
-        ("rank", int),
-        ("alpha", float),
-        ("num_layers", int),
-        ("max_seq_length", int),
-        ("seed", int),
-        ("max_samples", int),
-        ("questions", int),
-        ("answer_tokens", int),
-    ):
-        p.add_argument(
-            "--" + name.replace("_", "-"),
-            type=typ,
-            default=getattr(d, name),
-            help=f"(default: {getattr(d, name)})",
-        )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_quickstart_cli)
-
-
-def _quickstart_cli(args) -> int:
-    quickstart(QuickstartConfig.from_dict(vars(args)), progress=not args.quiet)
     return 0
 
 

@@ -2,12 +2,23 @@
 
 The whole course in one command. The embedded base model (``lora_course/assets/base``)
 was pretrained on the documentation of Python's standard library and numpy but never
-saw mlx; the docstrings of the installed ``mlx`` become a Q/A dataset (the MLX LoRA example's
-idea, ``build_docstring_dataset``), and LoRA (Hu et al., 2021) teaches the model about
-mlx in a couple of minutes on a laptop CPU. Before and after fine-tuning it measures the
-held-out (test split) loss and perplexity and answers a few held-out questions, and
-prints them side by side. It writes the adapters, a loss-curve PNG and ``results.json``
-into ``--out``.
+saw mlx; the docstrings of the installed ``mlx`` become a Q/A dataset (the MLX LoRA
+example's idea, ``build_docstring_dataset``): "Q: What is ReLU in mlx?" answered by
+"mlx.nn.ReLU Applies the Rectified Linear Unit.", the name and the first sentence of
+its docstring. LoRA (Hu et al., 2021) trains on the first ``train_records`` records of
+the training split for a couple of minutes on a laptop CPU.
+
+Before and after, it asks two kinds of question, greedy decoding:
+
+- **seen**: questions whose answers were in the training records. Can LoRA teach the
+  model these facts?
+- **held out**: questions from the test split, never trained on. Does the style
+  generalise?
+
+An answer counts as right when it reproduces the reference answer (the full name and
+the docstring's first sentence), compared with whitespace collapsed and case ignored
+(``is_right``). It also measures the held-out (test split) loss and perplexity. It
+writes the adapters, a loss-curve PNG and ``results.json`` into ``--out``.
 
 Every flag points somewhere else: ``--model`` any local Llama/Mistral checkpoint,
 ``--data`` any dataset folder that ``load_dataset`` reads, ``--packages`` other
@@ -42,6 +53,10 @@ from lora_course.training.plots import (
 import mlx.core as mx
 
 RESULTS_FILE = "results.json"
+METRIC = (
+    "right = the greedy answer reproduces the reference answer, the full name and the first "
+    "sentence of its docstring (whitespace collapsed, case ignored)"
+)
 CURVE_FILE = "loss_curve.png"
 
 
@@ -51,19 +66,21 @@ class QuickstartConfig:
     data: str | None = None  # dataset folder (train.jsonl, valid/test.jsonl); None: build from --packages
     out: str = "lora-course-quickstart"  # where adapters, the curve and results.json go
     packages: tuple[str, ...] = ("mlx",)  # whose docstrings make the dataset when --data is not given
-    iters: int = 150  # optimizer steps (about 2 minutes on 2 CPU cores)
+    answer: str = "summary"  # dataset answers: "summary" (name + first sentence) or "docstring"
+    mask_prompt: bool = True  # loss on the answers only (the dataset is written as prompt/completion)
+    train_records: int | None = 96  # train on the first N records of the training split; None or 0: all
+    iters: int = 400  # optimizer steps (about 2 minutes on 2 CPU cores)
     batch_size: int = 8  # samples per step
-    learning_rate: float = (
-        1e-3  # peak LoRA learning rate (cosine decay after a short warmup; 2e-3 is unstable)
-    )
+    learning_rate: float = 1e-3  # peak LoRA learning rate (cosine decay; 2e-3 and 3e-3 were unstable)
     rank: int = 16  # LoRA rank r
     alpha: float = 32.0  # LoRA alpha; the update is scaled by alpha / r
     num_layers: int = -1  # adapt the last N blocks; -1: all of them
-    max_seq_length: int = 256  # longer samples are truncated (the course model saw 256-token windows)
-    seed: int = 0  # dataset split, LoRA init and data order
+    max_seq_length: int = 96  # longer samples are truncated (the longest summary record has about 70 tokens)
+    seed: int = 7  # dataset split, LoRA init, data order; 7 puts "What is ReLU in mlx?" in training
     max_samples: int | None = None  # use only the first N training samples (and N/4 held-out ones)
-    questions: int = 3  # held-out questions answered before and after
-    answer_tokens: int = 32  # greedy tokens per answer
+    questions: int = 20  # seen and held-out questions scored before and after (each)
+    show: int = 4  # of those, answers printed side by side (each kind)
+    answer_tokens: int = 64  # greedy tokens per answer
 
     @classmethod
     def from_dict(cls, d: dict) -> QuickstartConfig:
@@ -81,31 +98,64 @@ def _subset(ds, n: int | None):
     return TokenizedDataset([ds[i] for i in range(n)], path=ds.path)
 
 
-def _questions(folder: Path, n: int) -> list[tuple[str, str]]:
-    """(prompt, reference answer) for the first n held-out records that have a Q/A shape."""
-    for split in ("test", "valid"):
-        path = folder / f"{split}.jsonl"
-        if path.is_file():
-            break
-    else:
+SHOWCASE = ("ReLU",)  # the MLX LoRA example's question comes first when it is in a list
+
+
+def _qa(text) -> tuple[str, str] | None:
+    """(prompt, reference answer) of a record with a Q/A shape, else None."""
+    if isinstance(text, str) and "\nA:" in text:
+        q, a = text.split("\nA:", 1)
+        return q + "\nA:", a.strip()
+    return None
+
+
+def _records(folder: Path, split: str) -> list[tuple[str, str]]:
+    path = folder / f"{split}.jsonl"
+    if not path.is_file():
         return []
     out = []
     for line in path.read_text(encoding="utf-8").splitlines():
         rec = json.loads(line)
-        text = rec.get("text") if isinstance(rec, dict) else None
-        if isinstance(text, str) and "\nA:" in text:
-            q, a = text.split("\nA:", 1)
-            out.append((q + "\nA:", a.strip()))
-        elif isinstance(rec, dict) and isinstance(rec.get("prompt"), str):
+        if isinstance(rec, dict) and isinstance(rec.get("prompt"), str):
             out.append((rec["prompt"], str(rec.get("completion", "")).strip()))
-        if len(out) == n:
-            break
+        elif isinstance(rec, dict) and _qa(rec.get("text")):
+            out.append(_qa(rec["text"]))
     return out
+
+
+def _pick(qas: list[tuple[str, str]], n: int) -> list[tuple[str, str]]:
+    """The first n, with the showcased questions (if present) moved to the front."""
+    first = [qa for qa in qas if any(f"What is {name} in" in qa[0] for name in SHOWCASE)]
+    return (first + [qa for qa in qas if qa not in first])[:n]
+
+
+def normalise(text: str) -> str:
+    return " ".join(text.split()).lower()
+
+
+def is_right(answer: str, reference: str) -> bool:
+    """The answer reproduces the reference (whitespace collapsed, case ignored); text after it is allowed."""
+    ref = normalise(reference)
+    return bool(ref) and normalise(answer).startswith(ref)
 
 
 def _answers(model, tokenizer, questions, max_tokens: int) -> list[str]:
 
     return [generate(model, tokenizer, q, max_tokens=max_tokens, temp=0.0).strip() for q, _ in questions]
+
+
+def _scored(questions, before, after) -> list[dict]:
+    return [
+        {
+            "question": q,
+            "reference": ref,
+            "before": b,
+            "after": a,
+            "right_before": is_right(b, ref),
+            "right_after": is_right(a, ref),
+        }
+        for (q, ref), b, a in zip(questions, before, after)
+    ]
 
 
 def quickstart(config: QuickstartConfig | None = None, progress: bool = True, verbose: bool = True) -> dict:
@@ -120,7 +170,9 @@ def quickstart(config: QuickstartConfig | None = None, progress: bool = True, ve
     # 1. data
     if cfg.data is None:
         data_dir = out / "data"
-        counts = build_docstring_dataset(list(cfg.packages), data_dir, seed=cfg.seed)
+        counts = build_docstring_dataset(
+            list(cfg.packages), data_dir, seed=cfg.seed, answer=cfg.answer, completion=cfg.mask_prompt
+        )
         say(
             f"data: {counts['train']} train / {counts['valid']} valid / {counts['test']} test Q/A records "
             f"from the docstrings of {', '.join(cfg.packages)} -> {data_dir}/"
@@ -139,7 +191,9 @@ def quickstart(config: QuickstartConfig | None = None, progress: bool = True, ve
         model.set_dtype(mx.float32)  # MLX's CPU matmuls are fast in float32 only
     with warnings.catch_warnings(record=True) as caught:  # one short line instead of the long warning
         warnings.simplefilter("always", DatasetWarning)
-        splits = load_dataset(data_dir, tokenizer, max_seq_length=cfg.max_seq_length)
+        splits = load_dataset(
+            data_dir, tokenizer, max_seq_length=cfg.max_seq_length, mask_prompt=cfg.mask_prompt
+        )
     for w in caught:
         if issubclass(w.category, DatasetWarning):
             say(f"note: {str(w.message).split(' (')[0]}")
@@ -149,10 +203,14 @@ def quickstart(config: QuickstartConfig | None = None, progress: bool = True, ve
     if held is None:
         raise ValueError(f"{data_dir}: has no valid.jsonl or test.jsonl to measure held-out loss on")
     n_held = None if cfg.max_samples is None else max(cfg.batch_size, cfg.max_samples // 4)
-    train_set, held = _subset(splits.train, cfg.max_samples), _subset(held, n_held)
-    questions = _questions(data_dir, cfg.questions)
+    limits = (cfg.train_records if cfg.train_records and cfg.train_records > 0 else None, cfg.max_samples)
+    n_train = min(n for n in (*limits, len(splits.train)) if n is not None)
+    train_set, held = _subset(splits.train, n_train), _subset(held, n_held)
+    seen_q = _pick(_records(data_dir, "train")[:n_train], cfg.questions)
+    held_q = _pick(_records(data_dir, Path(held.path).stem if held.path else "test"), cfg.questions)
     before_loss, before_ppl = evaluate(model, held, cfg.batch_size, -1, cfg.max_seq_length)
-    before_answers = _answers(model, tokenizer, questions, cfg.answer_tokens)
+    before_seen = _answers(model, tokenizer, seen_q, cfg.answer_tokens)
+    before_held = _answers(model, tokenizer, held_q, cfg.answer_tokens)
     say(f"model: {cfg.model or 'the course base model'}; held-out loss before fine-tuning {before_loss:.3f}")
 
     # 3. LoRA fine-tuning
@@ -174,6 +232,7 @@ def quickstart(config: QuickstartConfig | None = None, progress: bool = True, ve
         optimizer="adam",
         grad_clip=1.0,
         max_seq_length=cfg.max_seq_length,
+        mask_prompt=cfg.mask_prompt,
         steps_per_report=max(1, cfg.iters // 4),
         steps_per_eval=0,
         save_every=0,
@@ -186,22 +245,23 @@ def quickstart(config: QuickstartConfig | None = None, progress: bool = True, ve
 
     # 4. the "after" numbers
     after_loss, after_ppl = evaluate(model, held, cfg.batch_size, -1, cfg.max_seq_length)
-    after_answers = _answers(model, tokenizer, questions, cfg.answer_tokens)
+    after_seen = _answers(model, tokenizer, seen_q, cfg.answer_tokens)
+    after_held = _answers(model, tokenizer, held_q, cfg.answer_tokens)
     total_s = time.perf_counter() - t0
 
     losses = list(result.history.losses)
     results = {
         "config": {**asdict(cfg), "packages": list(cfg.packages)},
+        "data_dir": str(data_dir),
         "held_out_split": Path(held.path).name if held.path else None,
         "held_out_samples": len(held),
         "train_samples": len(train_set),
         "before": {"loss": before_loss, "perplexity": before_ppl},
         "after": {"loss": after_loss, "perplexity": after_ppl},
         "loss_reduction": 1.0 - after_loss / before_loss,
-        "questions": [
-            {"question": q, "reference": ref, "before": b, "after": a}
-            for (q, ref), b, a in zip(questions, before_answers, after_answers)
-        ],
+        "metric": METRIC,
+        "seen": _scored(seen_q, before_seen, after_seen),
+        "held_out": _scored(held_q, before_held, after_held),
         "train_loss": [round(x, 4) for x in losses],
         "adapter_path": str(result.adapter_path),
         "train_seconds": round(train_s, 1),
@@ -215,9 +275,15 @@ def quickstart(config: QuickstartConfig | None = None, progress: bool = True, ve
     return results
 
 
-def report(results: dict) -> str:
-    """The before/after table and the answers side by side, as printed."""
+def _score(items: list[dict], when: str) -> str:
+    right = sum(qa[f"right_{when}"] for qa in items)
+    return f"{right}/{len(items)}" if items else "-"
+
+
+def report(results: dict, show: int | None = None) -> str:
+    """The before/after tables and some answers side by side, as printed."""
     b, a = results["before"], results["after"]
+    show = results["config"].get("show", 4) if show is None else show
     lines = [
         "",
         f"{'held-out (' + str(results['held_out_split']) + ')':<22}{'before':>10}{'after':>10}{'change':>10}",
@@ -225,19 +291,29 @@ def report(results: dict) -> str:
         f"{'perplexity':<22}{b['perplexity']:>10.2f}{a['perplexity']:>10.2f}"
         f"{a['perplexity'] / b['perplexity'] - 1:>+10.1%}",
         "",
+        f"{'answers right':<22}{'before':>10}{'after':>10}",
+        *(
+            f"{label:<22}{_score(results[key], 'before'):>10}{_score(results[key], 'after'):>10}"
+            for label, key in (("seen (trained on)", "seen"), ("held out", "held_out"))
+        ),
+        f"({results['metric']})",
+        "",
     ]
     width = max(20, (shutil.get_terminal_size((100, 24)).columns - 7) // 2)
     width = min(width, 46)
-    for qa in results["questions"]:
-        lines.append(qa["question"].replace("\nA:", ""))
-        left = textwrap.wrap(_flat(qa["before"]) or "(nothing)", width)[:4]
-        right = textwrap.wrap(_flat(qa["after"]) or "(nothing)", width)[:4]
-        lines.append(f"  {'before':<{width}} | after")
-        for i in range(max(len(left), len(right))):
-            before = left[i] if i < len(left) else ""
-            after = right[i] if i < len(right) else ""
-            lines.append(f"  {before:<{width}} | {after}")
-        lines.append("")
+    for kind, items in (("seen", results["seen"]), ("held out", results["held_out"])):
+        for qa in items[:show]:
+            lines.append(f"[{kind}] {qa['question'].replace(chr(10) + 'A:', '')}")
+            lines.append(f"  reference: {_flat(qa['reference'])}")
+            left = textwrap.wrap(_flat(qa["before"]) or "(nothing)", width)[:3]
+            right = textwrap.wrap(_flat(qa["after"]) or "(nothing)", width)[:3]
+            was, now = (("right" if qa[f"right_{w}"] else "wrong") for w in ("before", "after"))
+            lines.append(f"  {'before (' + was + ')':<{width}} | after ({now})")
+            for i in range(max(len(left), len(right))):
+                before = left[i] if i < len(left) else ""
+                after = right[i] if i < len(right) else ""
+                lines.append(f"  {before:<{width}} | {after}")
+            lines.append("")
     lines.append(
         f"adapters: {results['adapter_path']}/   curve: {CURVE_FILE}   "
         f"time: {results['total_seconds']:.0f}s (training {results['train_seconds']:.0f}s)"

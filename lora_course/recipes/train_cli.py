@@ -20,6 +20,7 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from lora_course.adapters.apply import count_parameters
 from lora_course.adapters.files import load_adapters
 from lora_course.config import ConfigError, checked_fields
 from lora_course.limits import is_int, is_number
@@ -260,6 +261,8 @@ def run_train_command(args: argparse.Namespace) -> int:
     if cfg.train:
         result = finetune((model, tokenizer), cfg.data, progress=getattr(args, "progress", True), **options)
         model, splits = result.model, result.data
+        c = count_parameters(model)
+        say(f"trainable parameters: {c['trainable']:,} of {c['total']:,} ({c['trainable_percent']:.3f}%)")
         say(
             f"adapters saved to {result.adapter_path}/ "
             f"({result.history.stop_reason} at step {result.history.step})"

@@ -226,3 +226,16 @@ def test_parallel_workers_write_the_same_files(fakepkg, tmp_path):
     parallel = build_docstring_dataset([fakepkg, "json"], tmp_path / "p", test_fraction=0.2, workers=2)
     assert read(tmp_path / "s") == read(tmp_path / "p")
     assert parallel["import_failures"] == serial["import_failures"] == 2
+
+
+def test_first_sentence_skips_a_signature_and_stops_at_the_first_period():
+    from lora_course.data.docstrings import first_sentence
+
+    assert first_sentence("Applies the Rectified Linear Unit.\n    Simply ``mx.maximum(x, 0)``.") == (
+        "Applies the Rectified Linear Unit."
+    )
+    sig = "sinh(a: array, /, *, stream: StreamOrDevice = None) -> array\n\nElement-wise hyperbolic sine.\n\nArgs: x"
+    assert first_sentence(sig) == "Element-wise hyperbolic sine."
+    assert first_sentence("Split a key, e.g. for two\ndraws. More.") == "Split a key, e.g. for two draws."
+    assert first_sentence("clear_streams() -> None") == ""
+    assert first_sentence("No period here\n\nSecond paragraph.") == "No period here"

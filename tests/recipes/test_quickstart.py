@@ -5,6 +5,7 @@ from pathlib import Path
 
 import lora_course
 from lora_course.recipes.cli import main
+from lora_course.recipes.quickstart import is_right
 
 import mlx.core as mx
 import pytest
@@ -21,6 +22,8 @@ TINY_FLAGS = [
     "64",
     "--questions",
     "2",
+    "--show",
+    "1",
     "--answer-tokens",
     "8",
     "--quiet",
@@ -38,9 +41,20 @@ def _check_outputs(out: Path, printed: str, n_questions: int) -> dict:
     results = json.loads((out / "results.json").read_text())
     assert "before" in printed and "after" in printed and "perplexity" in printed
     assert f"{results['before']['loss']:.3f}" in printed and f"{results['after']['loss']:.3f}" in printed
-    assert len(results["questions"]) == n_questions
-    for qa in results["questions"]:
-        assert qa["question"].endswith("\nA:") and qa["question"].split("\n")[0] in printed
+    assert len(results["seen"]) == n_questions and len(results["held_out"]) == n_questions
+    assert results["metric"] in printed and "seen (trained on)" in printed
+    for qa in results["seen"][:1] + results["held_out"][:1]:  # --show 1: the first of each kind is printed
+        assert qa["question"].split("\n")[0] in printed
+    for qa in results["seen"] + results["held_out"]:
+        assert qa["question"].endswith("\nA:")
+        assert qa["right_after"] == is_right(qa["after"], qa["reference"])
+    lines = (Path(results["data_dir"]) / "train.jsonl").read_text().splitlines()[: results["train_samples"]]
+    records = [json.loads(line) for line in lines]
+    seen_refs = {
+        (r["completion"] if "completion" in r else r["text"].split("\nA:")[1]).strip() for r in records
+    }
+    assert all(qa["reference"] in seen_refs for qa in results["seen"])  # seen questions were trained on
+    assert not any(qa["reference"] in seen_refs for qa in results["held_out"])
     assert len(results["train_loss"]) == 4
     assert results["loss_reduction"] == pytest.approx(
         1 - results["after"]["loss"] / results["before"]["loss"]
@@ -59,7 +73,7 @@ def test_quickstart_on_the_embedded_model(tmp_path, capsys):
     # the adapters load back onto a fresh base model and give the fine-tuned model's answers
     model, tokenizer = lora_course.load()
     lora_course.load_adapters(model, out / "adapters")
-    q = results["questions"][0]
+    q = results["seen"][0]
     assert lora_course.model.generate(model, tokenizer, q["question"], max_tokens=8).strip() == q["after"]
 
 
@@ -112,6 +126,13 @@ def test_quickstart_with_your_own_model_and_data(tmp_path, capsys):
     assert results["held_out_split"] == "valid.jsonl"  # no test.jsonl: valid is the held-out set
     assert not (out / "data").exists()  # nothing was built
     assert results["after"]["loss"] < results["before"]["loss"]
+
+
+def test_is_right_compares_whitespace_and_case_normalised_prefixes():
+    ref = "mlx.nn.ReLU Applies the Rectified Linear Unit."
+    assert is_right("mlx.nn.ReLU applies the  rectified\nLinear Unit. Simply more text", ref)
+    assert not is_right("mlx.nn.ReLU Applies the Leaky Rectified Linear Unit.", ref)
+    assert not is_right("anything", "")
 
 
 def test_quickstart_names_a_missing_data_folder(tmp_path, capsys):
