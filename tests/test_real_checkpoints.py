@@ -73,17 +73,20 @@ def test_logits_match_transformers(case):
     assert np.abs(our_logits(model, ids, reference=True) - ref).max() <= 1e-4  # the readable path too
 
 
-def test_the_switches_matter(case):
+# The architecture switch of each kind; turned off, the logits must change.
+SWITCHES = {
+    "llama3": {"rope_scaling": None},
+    "mistral": {"sliding_window": None},
+    "qwen2": {"qkv_bias": False},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SWITCHES))
+def test_the_switches_matter(kind, folders):
     """Each architecture switch changes the logits, so the test above would catch it missing."""
-    kind, folder, hf, model, _ = case
-    switch = {
-        "llama3": {"rope_scaling": None},
-        "mistral": {"sliding_window": None},
-        "qwen2": {"qkv_bias": False},
-    }.get(kind)
-    if switch is None:
-        pytest.skip("no switch beyond plain Llama")
-    plain = lc.Model(lc.ModelArgs(**{**vars(model.args), **switch}))
+    folder, hf = folders[kind]
+    model, _ = lc.load(folder)
+    plain = lc.Model(lc.ModelArgs(**{**vars(model.args), **SWITCHES[kind]}))
     weights = lc.tree_flatten(model.parameters())
     plain.load_weights([(k, v) for k, v in weights if kind != "qwen2" or not k.endswith("_proj.bias")])
     ids = random_ids(model.args.vocab_size)
