@@ -8,9 +8,9 @@ frees everything, resets the peak-RSS mark, and loads:
 
 - ``lora_course``: a Hugging Face-layout folder (config.json, model.safetensors, the
   course tokenizer) through ``lora_course.load`` and ``mx.eval`` of every parameter.
-- ``lora_course_gguf``: the same tensors written with ``mx.save_gguf``, read with
-  ``mx.load`` and put into our ``Model`` with ``load_weights`` (``lora_course.load``
-  has no GGUF reader in this branch).
+- ``lora_course_gguf``: the same model written as one f16 ``.gguf`` file
+  (``lora_course.save(..., format="gguf")``, with the course tokenizer's metadata) and
+  read back through ``lora_course.load``, which reads GGUF with ``mx.load``.
 
 Reported: the peak RSS during loading, the RSS before it, the bytes of the loaded
 weights, and ``peak_over_weights`` = (peak RSS - RSS before) / weight bytes.
@@ -59,8 +59,9 @@ def _write(cfg, folder: Path, fmt: str) -> int:
     weights = dict(_flat(model))
     mx.eval(weights)
     if fmt == "gguf":
-        path = folder / "model.gguf"
-        mx.save_gguf(str(path), weights)
+        from lora_course import Tokenizer, save
+
+        path = save(model, Tokenizer(_TOKENIZER), folder / "model.gguf", format="gguf", gguf_type="f16")
     else:
         path = folder / "model.safetensors"
         mx.save_safetensors(str(path), weights)
@@ -88,7 +89,7 @@ def _flat(model):
 
 
 def run(cfg, weights_path, data_path, quant: bool = False, fmt: str = "safetensors") -> dict:
-    from lora_course import Model, ModelArgs, load
+    from lora_course import load
 
     import mlx.core as mx
 
@@ -101,22 +102,7 @@ def run(cfg, weights_path, data_path, quant: bool = False, fmt: str = "safetenso
         before = _rss_mib()
         tic = time.perf_counter()
         with measure.watch_load() as machine:
-            if fmt == "gguf":
-                arrays = mx.load(str(folder / "model.gguf"))
-                args = ModelArgs(
-                    dim=cfg.dim,
-                    n_layers=cfg.n_layers,
-                    hidden_dim=cfg.hidden_dim,
-                    n_heads=cfg.n_heads,
-                    n_kv_heads=cfg.kv_heads,
-                    vocab_size=cfg.vocab_size,
-                    tie_word_embeddings=cfg.tie,
-                )
-                model = Model(args)
-                model.load_weights(list(arrays.items()), strict=True)
-                del arrays
-            else:
-                model, _ = load(folder)
+            model, _ = load(folder / "model.gguf" if fmt == "gguf" else folder)
             mx.eval(model.parameters())
         seconds = time.perf_counter() - tic
         peak = measure.peak_rss_mib(rss_method)

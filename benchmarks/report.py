@@ -16,7 +16,7 @@ PEER_LABELS = {
     "torch_peft": "PyTorch + PEFT",
     "torch_peft_1t": "PyTorch + PEFT, 1 thread",
     "lora_course_full_logits": "lora_course, plain loss (full logits)",
-    "lora_course_gguf": "GGUF (mx.load + Model)",
+    "lora_course_gguf": "GGUF (lora_course.load)",
 }
 BENCH_TITLES = {
     "lora": "LoRA training step",
