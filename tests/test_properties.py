@@ -319,13 +319,14 @@ def records(draw):
 def test_jsonl_records_load_or_give_a_dataset_error(rows, mask_prompt, raw_break):
     path = Path(tempfile.mkdtemp(dir=TMP)) / "d.jsonl"
     text = "".join(json.dumps(r) + "\n" for r in rows)
-    path.write_text(text[:-3] if raw_break else text)
+    text = text[:-3] if raw_break else text  # the cut may drop a whole short last line
+    path.write_text(text)
     try:
         splits = load_dataset(path, TOK, mask_prompt=mask_prompt)
     except DatasetError as e:
         one_line_naming(e, str(path))
         return
-    assert len(splits.train) == len(rows)
+    assert len(splits.train) == len([line for line in text.splitlines() if line.strip()])
 
 
 # ----------------------------------------------------------------------------- safetensors headers

@@ -25,7 +25,9 @@ class DatasetError(ValueError):
 
     def __init__(self, path, line: int, message: str):
         self.path, self.line = str(path), line
-        super().__init__(f"{path}:{line}: {message}" if line else f"{path}: {message}")
+        text = f"{path}:{line}: {message}" if line else f"{path}: {message}"
+        # one line whatever the data held: a key or value may carry its own line breaks
+        super().__init__(text.replace("\r", "\\r").replace("\n", "\\n"))
 
 
 class DatasetWarning(UserWarning):
