@@ -101,7 +101,10 @@ class PageProblems:
             self.problems.append(f"request left {self.allowed_host}: {request.url}")
 
     def _on_console(self, message):
-        if message.type == "error":
+        # "Failed to load resource" repeats a failed response, which _on_response records
+        # with its URL; alone it comes from Chromium's own favicon fetch on the redirect stub
+        # index.html (a request the page never made), sometimes logged before it navigates.
+        if message.type == "error" and not message.text.startswith("Failed to load resource"):
             self.problems.append(f"console error: {message.text}")
 
     def _on_response(self, response):
