@@ -69,6 +69,21 @@ class BenchConfig:
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    def hf_config(self) -> dict[str, Any]:
+        """The shape as a Hugging Face config.json: lora_course's ModelArgs.from_dict and
+        mlx-lm's ModelArgs both read it, so every peer builds the same model."""
+        return {
+            "model_type": "llama",
+            "hidden_size": self.dim,
+            "num_hidden_layers": self.n_layers,
+            "intermediate_size": self.hidden_dim,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.kv_heads,
+            "vocab_size": self.vocab_size,
+            "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": self.tie,
+        }
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["keys"] = list(self.keys)

@@ -63,15 +63,7 @@ def run_lora_course(cfg, weights_path, data_path, quant: bool = False) -> dict:
     from lora_course import Model, ModelArgs
     from lora_course.model.generate import generate_tokens
 
-    args = ModelArgs(
-        dim=cfg.dim,
-        n_layers=cfg.n_layers,
-        hidden_dim=cfg.hidden_dim,
-        n_heads=cfg.n_heads,
-        n_kv_heads=cfg.kv_heads,
-        vocab_size=cfg.vocab_size,
-        tie_word_embeddings=cfg.tie,
-    )
+    args = ModelArgs.from_dict(cfg.hf_config())
     model = Model(args)
     load_into_mlx(model, weights_path)
     prompt = [int(t) for t in load_npz(data_path)["prompt"]]
@@ -83,17 +75,7 @@ def run_mlx_lm(cfg, weights_path, data_path, quant: bool = False) -> dict:
     from mlx_lm.generate import generate_step
     from mlx_lm.models.llama import Model, ModelArgs
 
-    args = ModelArgs(
-        model_type="llama",
-        hidden_size=cfg.dim,
-        num_hidden_layers=cfg.n_layers,
-        intermediate_size=cfg.hidden_dim,
-        num_attention_heads=cfg.n_heads,
-        rms_norm_eps=1e-5,
-        vocab_size=cfg.vocab_size,
-        num_key_value_heads=cfg.kv_heads,
-        tie_word_embeddings=cfg.tie,
-    )
+    args = ModelArgs(**cfg.hf_config())
     model = Model(args)
     load_into_mlx(model, weights_path)
     prompt = mx.array(load_npz(data_path)["prompt"])

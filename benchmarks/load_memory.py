@@ -44,15 +44,7 @@ def _write(cfg, folder: Path, fmt: str) -> int:
 
     import mlx.core as mx
 
-    args = ModelArgs(
-        dim=cfg.dim,
-        n_layers=cfg.n_layers,
-        hidden_dim=cfg.hidden_dim,
-        n_heads=cfg.n_heads,
-        n_kv_heads=cfg.kv_heads,
-        vocab_size=cfg.vocab_size,
-        tie_word_embeddings=cfg.tie,
-    )
+    args = ModelArgs.from_dict(cfg.hf_config())
     mx.random.seed(cfg.seed)
     model = Model(args)
     model.set_dtype(mx.float16)
@@ -65,18 +57,7 @@ def _write(cfg, folder: Path, fmt: str) -> int:
     else:
         path = folder / "model.safetensors"
         mx.save_safetensors(str(path), weights)
-        config = {
-            "model_type": "llama",
-            "hidden_size": cfg.dim,
-            "num_hidden_layers": cfg.n_layers,
-            "intermediate_size": cfg.hidden_dim,
-            "num_attention_heads": cfg.n_heads,
-            "num_key_value_heads": cfg.kv_heads,
-            "vocab_size": cfg.vocab_size,
-            "rms_norm_eps": 1e-5,
-            "tie_word_embeddings": cfg.tie,
-            "torch_dtype": "float16",
-        }
+        config = {**cfg.hf_config(), "torch_dtype": "float16"}
         (folder / "config.json").write_text(json.dumps(config))
         shutil.copy(_TOKENIZER, folder / "tokenizer.model")
     return path.stat().st_size

@@ -81,15 +81,7 @@ def run_lora_course(cfg, weights_path, data_path, quant: bool) -> dict:
     import mlx.core as mx
     import mlx.optimizers as optim
 
-    args = ModelArgs(
-        dim=cfg.dim,
-        n_layers=cfg.n_layers,
-        hidden_dim=cfg.hidden_dim,
-        n_heads=cfg.n_heads,
-        n_kv_heads=cfg.kv_heads,
-        vocab_size=cfg.vocab_size,
-        tie_word_embeddings=cfg.tie,
-    )
+    args = ModelArgs.from_dict(cfg.hf_config())
     mx.random.seed(cfg.seed)
     model = Model(args)
     load_into_mlx(model, weights_path)
@@ -139,17 +131,7 @@ def run_mlx_lm(cfg, weights_path, data_path, quant: bool) -> dict:
     from mlx_lm.tuner.trainer import default_loss
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    args = ModelArgs(
-        model_type="llama",
-        hidden_size=cfg.dim,
-        num_hidden_layers=cfg.n_layers,
-        intermediate_size=cfg.hidden_dim,
-        num_attention_heads=cfg.n_heads,
-        rms_norm_eps=1e-5,
-        vocab_size=cfg.vocab_size,
-        num_key_value_heads=cfg.kv_heads,
-        tie_word_embeddings=cfg.tie,
-    )
+    args = ModelArgs(**cfg.hf_config())
     mx.random.seed(cfg.seed)
     model = Model(args)
     load_into_mlx(model, weights_path)
