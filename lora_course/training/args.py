@@ -38,9 +38,9 @@ class TrainingArgs:
     save_every: int = 100  # checkpoint every N steps (and at the start and end); 0: only those
     adapter_path: str = "adapters"  # directory for adapters, checkpoints and training state
     early_stopping_patience: int | None = None  # stop after N evals without a better val loss
-    # positions per cross-entropy chunk; 0: off (the default until the chunks save memory,
-    # see chunked_loss.py); None: auto, chunked from a 32k vocabulary up
-    loss_chunk_size: int | None = 0
+    # positions per cross-entropy chunk (training/chunked_loss.py); None: auto, chunked
+    # from a 32k vocabulary up, about 128 MiB of logits per chunk; 0: the plain loss
+    loss_chunk_size: int | None = None
     grad_checkpoint: bool = False  # recompute each block in the backward pass to save memory
     seed: int = 0  # fixes data order and dropout; the same seed gives the same run
     compile: bool = True  # mx.compile the whole step (faster; off only to debug)

@@ -2,26 +2,35 @@
 
 The plain loss (``evaluate.loss``) builds the logits of every position at once:
 (B*L, vocab) floats, in float32, and autodiff keeps them (and the softmax) for the
-backward pass. For Llama 3.2 1B (vocab 128,256) at batch 2 x 512 that is 525 MB per
-copy, more than the LoRA weights, activations and optimizer state together. Yet
-the loss needs only one number per position:
+backward pass. For Llama 3.2 1B (vocab 128,256) at batch 1 x 512 that is 250 MiB per
+copy, more than the LoRA weights and optimizer state together. Yet the loss needs only
+one number per position,
 
-    ce_i = logsumexp(h_i W^T) - (h_i W^T)[target_i]        h_i: (dim,), W: (vocab, dim)
+    ce_i = logsumexp(z_i) - z_i[target_i]          z_i = head(h_i): (vocab,)
 
-so the positions can be taken a chunk at a time: run the transformer once to get the
-hidden states h (``Model.hidden``), then for each chunk of positions compute its logits
-with the head (``Model.head``), reduce them to a sum of masked token losses, and drop
-them. Each chunk is wrapped in ``mx.checkpoint`` (Chen et al., 2016), so the backward
-pass recomputes that chunk's logits instead of keeping them for it. The value and the gradients
-are the plain loss's (``tests/training/test_chunked_loss.py``: tied, untied and quantized
-heads), at the price of a second head GEMM per chunk in the backward pass.
-Measured so far it saves less than it should: MLX evaluates the chunks' independent head
-matmuls side by side rather than one chunk after another, so several chunks' logits are
-alive at once (at the Llama-3.2-1B shape, batch 1 x 512: 46 MiB less peak; see
-``benchmarks/README.md``, "Memory at the Llama-3.2-1B shape").
+and its gradient has a closed form, d ce_i / d z_i = softmax(z_i) - onehot(target_i).
+So we run the transformer once to the hidden states h (``Model.hidden``), then take the
+positions a chunk at a time: compute the chunk's logits (``Model.head``), its loss, the
+gradient of that loss with respect to the logits, and, right away, the gradient with
+respect to the chunk's hidden states (and to the head's trainable weights, if any):
+``mx.vjp(head, ...)``, a (chunk, vocab) @ (vocab, dim) product. Then the chunk's logits
+are dropped; only (chunk, dim) floats are kept for the backward pass, which (an
+``mx.custom_function``) just scales them by the incoming cotangent. This is the idea of
 Apple's "Cut Your Losses in Large-Vocabulary Language Models" (Wijmans et al., 2024)
-takes the same idea down to a fused kernel. Not yet taught in a notebook (notebook 11,
-on making training go faster, is its home).
+without the fused kernel. The head still costs two GEMMs, as in the plain loss.
+
+Why not ``mx.checkpoint`` per chunk (recompute the logits in the backward pass)? Under
+``mx.compile`` the recomputed product is the very same expression as the forward one, and
+the compiler merges the two, so the forward logits of every chunk are kept after all.
+Measured on the compiled LoRA step at the Llama-3.2-1B shape cut to 2 layers, batch
+1 x 512, extra MLX peak over the weights: plain loss 1,249 MiB; ``mx.checkpoint`` chunks
+1,240 MiB; these chunks 866 MiB (261 positions, the automatic size) or 790 MiB (128), at
+about the plain loss's step time. ``mx.depends`` chains the chunks, so that a chunk starts
+only when the previous one's gradient is done and its logits can be freed.
+
+``chunked_loss(...).value_only`` is the same loss without the gradient work, which
+``evaluate`` uses. Tested equal to the plain loss in value and gradients
+(``tests/training/test_chunked_loss.py``: tied, untied, quantized and trainable heads).
 """
 
 from __future__ import annotations
@@ -30,12 +39,13 @@ from collections.abc import Callable
 
 from lora_course.model.fastmath import cross_entropy
 from lora_course.training.evaluate import loss
+from lora_course.tree import tree_flatten, tree_unflatten
 
 import mlx.core as mx
 import mlx.nn as nn
 
 CHUNKED_VOCAB = 32768  # from this vocabulary size up, the trainer's default loss is chunked
-CHUNK_LOGITS = 2**24  # logits per chunk when the size is automatic: 64 MiB of float32
+CHUNK_LOGITS = 2**25  # logits per chunk when the size is automatic: 128 MiB of float32
 
 
 def auto_chunk_size(vocab_size: int) -> int:
@@ -43,40 +53,98 @@ def auto_chunk_size(vocab_size: int) -> int:
     return max(16, CHUNK_LOGITS // vocab_size)
 
 
+def _head(model: nn.Module, names: list[str]) -> Callable:
+    """``model.head`` as a function of (h, *trainable head arrays), for ``mx.vjp``."""
+    layer = model.output_layer
+
+    def head(h, *arrays):
+        if arrays:
+            layer.update(tree_unflatten(list(zip(names, arrays))))
+        return model.head(h)
+
+    return head
+
+
+def _chunk(head: Callable, h, targets, mask, arrays):
+    """One chunk: (sum of mask * cross-entropy, its gradient w.r.t. h, w.r.t. arrays)."""
+    logits = head(h, *arrays)  # (n, vocab): the only logits alive
+    z = logits.astype(mx.float32)
+    lse = mx.logsumexp(z, axis=-1, keepdims=True)  # (n, 1)
+    picked = mx.take_along_axis(z, targets[:, None], axis=-1)  # (n, 1): z[target]
+    value = ((lse - picked)[:, 0] * mask).sum()
+    # d ce / d z = softmax(z) - onehot(target), zero where the mask is
+    dz = mx.put_along_axis(mx.exp(z - lse), targets[:, None], mx.exp(picked - lse) - 1, axis=-1)
+    dz = (dz * mask[:, None]).astype(logits.dtype)
+    _, (dh, *darrays) = mx.vjp(head, [h, *arrays], [dz])
+    return value, dh, darrays
+
+
 def chunked_cross_entropy(model: nn.Module, h: mx.array, targets: mx.array, mask: mx.array, chunk_size: int):
     """Sum over positions of mask * cross-entropy of ``model.head(h)``, a chunk at a time.
 
-    h: (B, L, dim) hidden states; targets, mask: (B, L) -> a scalar (float32).
+    h: (B, L, dim) hidden states; targets, mask: (B, L) -> a scalar (float32). Differentiable
+    with respect to h and to the output layer's trainable parameters (usually none).
     """
-    h = h.reshape(-1, h.shape[-1])  # (N, dim), N = B*L
-    targets, mask = targets.reshape(-1), mask.reshape(-1).astype(mx.float32)  # (N,)
-    layer = model.output_layer  # only its trainable parameters (usually none) get gradients
+    layer = model.output_layer
+    flat = tree_flatten(layer.trainable_parameters())
+    names, arrays = [k for k, _ in flat], [v for _, v in flat]
+    head = _head(model, names)
 
-    def chunk_loss(params, h, targets, mask):
-        layer.update(params)
-        logits = model.head(h).astype(mx.float32)  # (chunk, vocab): the only logits alive
-        # mx.checkpoint differentiates every input; the ids and the mask get none
-        targets, mask = mx.stop_gradient(targets), mx.stop_gradient(mask)
-        return (cross_entropy(logits, targets) * mask).sum()
+    @mx.custom_function
+    def fused(h, targets, mask, *arrays):
+        flat_h = h.reshape(-1, h.shape[-1])  # (N, dim), N = B*L
+        flat_t, flat_m = targets.reshape(-1), mask.reshape(-1).astype(mx.float32)
+        total, dhs, dsums = mx.zeros((), mx.float32), [], None
+        for start in range(0, flat_h.shape[0], chunk_size):
+            hc = flat_h[start : start + chunk_size]
+            if dhs:  # one chunk after another: one chunk's logits (and head gradient) alive
+                hc = mx.depends(hc, [dhs[-1], *dsums])
+            cut = slice(start, start + chunk_size)
+            value, dh, darrays = _chunk(head, hc, flat_t[cut], flat_m[cut], arrays)
+            total, dhs = total + value, dhs + [dh]
+            dsums = darrays if dsums is None else [a + b for a, b in zip(dsums, darrays)]
+        if arrays:
+            layer.update(tree_unflatten(list(zip(names, arrays))))  # undo head()'s update
+        return (total, mx.concatenate(dhs).reshape(h.shape), *dsums)
 
-    one_chunk = mx.checkpoint(chunk_loss)  # backward recomputes the chunk's logits
-    cuts = list(range(chunk_size, h.shape[0], chunk_size))
-    params = layer.trainable_parameters()
-    parts = zip(mx.split(h, cuts), mx.split(targets, cuts), mx.split(mask, cuts))
-    return sum(one_chunk(params, hc, tc, mc) for hc, tc, mc in parts)
+    @fused.vjp
+    def fused_vjp(primals, cotangents, outputs):
+        c = cotangents[0]  # d(final loss) / d(this sum)
+        _, dh, *darrays = outputs
+        zeros = [mx.zeros_like(primals[1]), mx.zeros_like(primals[2])]  # ids and mask get none
+        return (dh * c.astype(dh.dtype), *zeros, *[d * c.astype(d.dtype) for d in darrays])
+
+    return fused(h, targets, mask, *arrays)[0]
+
+
+def chunked_value(model: nn.Module, h: mx.array, targets: mx.array, mask: mx.array, chunk_size: int):
+    """The same sum as ``chunked_cross_entropy``, without the gradient work (evaluation)."""
+    h = h.reshape(-1, h.shape[-1])
+    targets, mask = targets.reshape(-1), mask.reshape(-1).astype(mx.float32)
+    parts = range(0, h.shape[0], chunk_size)
+    return sum(
+        (cross_entropy(model.head(h[s : s + chunk_size]), targets[s : s + chunk_size]) * mask[s : s + chunk_size]).sum()
+        for s in parts
+    )
 
 
 def chunked_loss(chunk_size: int) -> Callable:
     """A loss ``(model, inputs, targets, mask) -> (loss, ntoks)`` equal to ``evaluate.loss``,
-    computed ``chunk_size`` positions at a time; ``model`` needs ``hidden`` and ``head``."""
+    computed ``chunk_size`` positions at a time; ``model`` needs ``hidden`` and ``head``.
+    Its ``value_only`` attribute is the same loss for evaluation (no gradient work)."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be at least 1")
 
-    def chunked(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array):
-        h = model.hidden(inputs)  # (B, L, dim)
-        ntoks = mask.sum()
-        return chunked_cross_entropy(model, h, targets, mask, chunk_size) / mx.maximum(ntoks, 1), ntoks
+    def with_sum(sum_fn: Callable) -> Callable:
+        def chunked(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array):
+            h = model.hidden(inputs)  # (B, L, dim)
+            ntoks = mask.sum()
+            return sum_fn(model, h, targets, mask, chunk_size) / mx.maximum(ntoks, 1), ntoks
 
+        return chunked
+
+    chunked = with_sum(chunked_cross_entropy)
+    chunked.value_only = with_sum(chunked_value)
     return chunked
 
 

@@ -258,7 +258,7 @@ def test_optimizer_options_from_yaml_and_flags(tmp_path):
     cfg_file.write_text("optimizer: lion\noptimizer_config:\n  betas: [0.9, 0.95]\nlora_plus_ratio: 16\n")
     cfg = build_config(build_parser().parse_args(["train", "-c", str(cfg_file)]))
     assert cfg.optimizer == "lion" and cfg.optimizer_config == {"betas": [0.9, 0.95]}
-    assert cfg.lora_plus_ratio == 16.0 and cfg.loss_chunk_size == 0  # the plain loss by default
+    assert cfg.lora_plus_ratio == 16.0 and cfg.loss_chunk_size is None  # automatic by default
     argv = ["train", "--optimizer", "muon", "--optimizer-config", '{"ns_steps": 3}', "--lora-plus-ratio", "4"]
     cfg = build_config(build_parser().parse_args([*argv, "--loss-chunk-size", "256"]))
     assert (cfg.optimizer, cfg.optimizer_config, cfg.lora_plus_ratio) == ("muon", {"ns_steps": 3}, 4.0)

@@ -114,7 +114,7 @@ def test_the_trainer_chunks_large_vocabularies_only():
     assert default_loss(make_model(True), 8) is not loss
     big = make_model(True, vocab=CHUNKED_VOCAB)
     assert default_loss(big, None) is not loss and default_loss(big, 0) is loss
-    assert auto_chunk_size(128256) == 130 and auto_chunk_size(49152) == 341
+    assert auto_chunk_size(128256) == 261 and auto_chunk_size(49152) == 682
     with pytest.raises(ValueError, match="loss_chunk_size"):
         TrainingArgs(loss_chunk_size=-1)
 
@@ -134,3 +134,28 @@ def test_training_with_chunks_follows_the_plain_trajectory(tmp_path):
         )
         runs.append(train(make_model(True), data, args=args, progress=False, verbose=False).losses)
     np.testing.assert_allclose(runs[0], runs[1], rtol=1e-4)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_evaluation_twin_gives_the_same_value(tied):
+    model = make_model(tied)
+    batch = make_batch()
+    fn = chunked_loss(5)
+    (v0, n0), (v1, n1) = loss(model, *batch), fn.value_only(model, *batch)
+    close(v0, v1)
+    assert n0.item() == n1.item()
+    close(fn(model, *batch)[0], v1)
+
+
+def test_the_compiled_chunked_step_equals_the_plain_one():
+    batch = make_batch()
+    results = []
+    for fn in (loss, chunked_loss(4)):
+        model = make_model(True)
+        value_and_grad = nn.value_and_grad(model, fn)
+        step = mx.compile(lambda *b: value_and_grad(model, *b), inputs=model.state)  # noqa: B023
+        (value, _), grads = step(*batch)
+        results.append((value, dict(tree_flatten(grads))))
+    close(results[0][0], results[1][0])
+    for k, g in results[0][1].items():
+        close(g, results[1][1][k])
