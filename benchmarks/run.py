@@ -45,7 +45,7 @@ BENCH_PEERS = {
         "torch_peft",
         "torch_peft_1t",
     ),
-    "qlora": ("lora_course", "mlx_lm_stock", "mlx_lm_same_blas", "torch_peft"),
+    "qlora": ("lora_course", "lora_course_qembed", "mlx_lm_stock", "mlx_lm_same_blas", "torch_peft"),
     "generation": ("lora_course", "mlx_lm_stock", "mlx_lm_same_blas"),
     "load": ("lora_course", "lora_course_gguf"),  # safetensors through lora_course.load; GGUF
 }
@@ -74,6 +74,8 @@ def skip_reason(bench: str, peer: str, cfg: BenchConfig) -> str | None:
         return f"the course tokenizer (lora_course.load reads it) has {TOKENIZER_PIECES} pieces"
     if peer in cfg.skip_peers:
         return SKIP_REASONS.get(peer, "not run at this size")
+    if peer == "lora_course_qembed" and cfg.vocab_size < CHUNKED_VOCAB:
+        return f"run where the embedding is large (a vocabulary of {CHUNKED_VOCAB:,} or more)"
     if peer == "lora_course_full_logits" and cfg.vocab_size < CHUNKED_VOCAB:
         return f"same work as lora_course: below a {CHUNKED_VOCAB:,}-token vocabulary its loss is not chunked"
     return None

@@ -86,7 +86,9 @@ def run_lora_course(cfg, weights_path, data_path, quant: bool) -> dict:
     model = Model(args)
     load_into_mlx(model, weights_path)
     if quant:
-        quantize_model(model, group_size=cfg.group_size, bits=cfg.bits)
+        # peer lora_course_qembed: the embedding (and so the tied head) quantized as well
+        embed = bool(cfg.extra.get("quantize_embedding"))
+        quantize_model(model, group_size=cfg.group_size, bits=cfg.bits, quantize_embedding=embed)
     apply_lora(model, num_layers=-1, keys=list(cfg.keys), rank=cfg.rank, alpha=cfg.alpha)
     model.train()
     optimizer = optim.Adam(learning_rate=1e-4)
