@@ -50,7 +50,8 @@ class BenchConfig:
     min_steps: int = 2  # timed steps even when max_seconds is exceeded
     seed: int = 0  # weights, tokens and LoRA initialization
     max_rounds: int | None = None  # run this config in at most N rounds (big shapes: 1)
-    skip_peers: tuple[str, ...] = ()  # peers not run at this size (the reason is SKIP_REASONS')
+    # peers not run at this size, "peer" (every bench) or "bench:peer" (the reason is SKIP_REASONS')
+    skip_peers: tuple[str, ...] = ()
     extra: dict = field(default_factory=dict)  # anything else, carried into the JSON
 
     @property
@@ -101,7 +102,9 @@ class BenchConfig:
 
 
 SMALL = BenchConfig("small", dim=256, n_layers=4, hidden_dim=704, n_heads=4, seq=128)
-MEDIUM = BenchConfig("medium", dim=512, n_layers=8, hidden_dim=1408, n_heads=8, seq=256)
+MEDIUM = BenchConfig(
+    "medium", dim=512, n_layers=8, hidden_dim=1408, n_heads=8, seq=256, skip_peers=("mlx_lm_stock",)
+)
 # --quick: a micro model for the smoke test; numbers from it mean nothing.
 MICRO = BenchConfig(
     "micro",
@@ -155,7 +158,7 @@ SMOLLM2_135M = BenchConfig(
     warmup=1,
     max_seconds=60.0,
     max_rounds=1,
-    skip_peers=("mlx_lm_stock",),
+    skip_peers=("mlx_lm_stock", "qlora:mlx_lm_same_blas"),
 )
 LLAMA_32_1B = BenchConfig(
     "llama-3.2-1b",
@@ -174,14 +177,16 @@ LLAMA_32_1B = BenchConfig(
     warmup=1,
     max_seconds=60.0,
     max_rounds=1,
-    skip_peers=("mlx_lm_stock", "torch_peft_1t"),
+    skip_peers=("mlx_lm_stock", "torch_peft_1t", "qlora:mlx_lm_same_blas"),
 )
 # lora_course.training.chunked_loss.CHUNKED_VOCAB (the orchestrator does not import MLX;
 # tests/test_benchmarks.py checks the two agree)
 CHUNKED_VOCAB = 32768
 SKIP_REASONS = {
     "mlx_lm_stock": "not run at this size: MLX's bundled reference BLAS is over 10x slower than "
-    "an optimized one (see small and medium), so one step would take many minutes",
+    "an optimized one (see small), so one step would take minutes",
+    "qlora:mlx_lm_same_blas": "not run at this size: mlx-lm's QLoRA runs MLX's CPU quantized matmul, "
+    "over 10x slower than our step at medium, so one step would take many minutes",
     "torch_peft_1t": "not run at this size, to keep the whole run short; PyTorch runs on all cores",
 }
 

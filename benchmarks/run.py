@@ -1,6 +1,6 @@
 """Run every benchmark, alternating peers, and write a table, JSON and plot.
 
-    python -m benchmarks.run                  # small, medium (3 rounds), smollm2-135m, llama-3.2-1b (1 round)
+    python -m benchmarks.run                  # small, medium (2 rounds), smollm2-135m, llama-3.2-1b (1 round)
     python -m benchmarks.run --quick          # a micro model, 1 round: checks the machinery only
     python -m benchmarks.run --jobs           # also time the quickstart and every notebook (slow)
     python -m benchmarks.run --benches lora --configs small --peers lora_course mlx_lm_same_blas
@@ -72,8 +72,9 @@ def run_worker(spec: dict, timeout: float) -> dict:
 def skip_reason(bench: str, peer: str, cfg: BenchConfig) -> str | None:
     if bench == "load" and cfg.vocab_size < TOKENIZER_PIECES:
         return f"the course tokenizer (lora_course.load reads it) has {TOKENIZER_PIECES} pieces"
-    if peer in cfg.skip_peers:
-        return SKIP_REASONS.get(peer, "not run at this size")
+    for key in (f"{bench}:{peer}", peer):
+        if key in cfg.skip_peers:
+            return SKIP_REASONS.get(key, "not run at this size")
     if peer == "lora_course_qembed" and cfg.vocab_size < CHUNKED_VOCAB:
         return f"run where the embedding is large (a vocabulary of {CHUNKED_VOCAB:,} or more)"
     if peer == "lora_course_full_logits" and cfg.vocab_size < CHUNKED_VOCAB:
@@ -128,7 +129,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--peers", nargs="+", default=None, choices=sorted(PEERS), help="limit to these peers (default: all)"
     )
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds (default 2)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per run (overrides the config)")
     p.add_argument("--max-seconds", type=float, default=None, help="time budget per run (overrides)")
     p.add_argument("--quick", action="store_true", help="micro config, 1 round: a smoke test")

@@ -166,3 +166,15 @@ def test_a_busy_measurement_is_run_again_keeping_the_least_disturbed(monkeypatch
     others = iter([1.5, 0.7])
     res = run.measure_once({}, 1.0, reruns=1)  # at most one more: the less busy of the two
     assert res["attempts"] == 2 and res["load"]["other_cores"] == 0.7
+
+
+def test_a_peer_can_be_skipped_for_one_bench_only():
+    from benchmarks.configs import PRESETS
+    from benchmarks.run import skip_reason
+
+    big = PRESETS["llama-3.2-1b"]
+    assert "quantized matmul" in skip_reason("qlora", "mlx_lm_same_blas", big)
+    assert skip_reason("lora", "mlx_lm_same_blas", big) is None
+    assert "reference BLAS" in skip_reason("lora", "mlx_lm_stock", PRESETS["medium"])
+    assert skip_reason("qlora", "lora_course_qembed", PRESETS["medium"]).startswith("run where")
+    assert skip_reason("qlora", "lora_course_qembed", big) is None

@@ -89,7 +89,11 @@ FLAGS = [
         "the optimizer's other settings as JSON, e.g. '{\"betas\": [0.9, 0.95]}'",
     ),
     ("--lora-plus-ratio", "lora_plus_ratio", "LoRA+: lora_b learns this many times faster than lora_a"),
-    ("--loss-chunk-size", "loss_chunk_size", "positions per cross-entropy chunk (0: the plain loss; default: chunked from a 32k vocabulary up)"),
+    (
+        "--loss-chunk-size",
+        "loss_chunk_size",
+        "positions per cross-entropy chunk (0: the plain loss; default: chunked from a 32k vocabulary up)",
+    ),
     ("--lr-schedule", "lr_schedule", "constant, linear or cosine"),
     ("--warmup", "warmup", "linear warmup steps"),
     ("--min-learning-rate", "min_learning_rate", "where linear/cosine decay ends"),

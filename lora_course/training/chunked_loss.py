@@ -121,11 +121,8 @@ def chunked_value(model: nn.Module, h: mx.array, targets: mx.array, mask: mx.arr
     """The same sum as ``chunked_cross_entropy``, without the gradient work (evaluation)."""
     h = h.reshape(-1, h.shape[-1])
     targets, mask = targets.reshape(-1), mask.reshape(-1).astype(mx.float32)
-    parts = range(0, h.shape[0], chunk_size)
-    return sum(
-        (cross_entropy(model.head(h[s : s + chunk_size]), targets[s : s + chunk_size]) * mask[s : s + chunk_size]).sum()
-        for s in parts
-    )
+    cuts = [slice(s, s + chunk_size) for s in range(0, h.shape[0], chunk_size)]
+    return sum((cross_entropy(model.head(h[c]), targets[c]) * mask[c]).sum() for c in cuts)
 
 
 def chunked_loss(chunk_size: int) -> Callable:
