@@ -122,6 +122,9 @@ def gemm_summary(gemm_raw: dict) -> dict:
     return out
 
 
+DIFFERENT_MODEL = "lora_course_qembed"
+
+
 def consistency_checks(rows: list[dict]) -> list[dict]:
     """Same work: first-step losses agree across peers; greedy ids are identical."""
     checks = []
@@ -131,6 +134,18 @@ def consistency_checks(rows: list[dict]) -> list[dict]:
     for (bench, config), group in groups.items():
         if bench in ("lora", "qlora"):
             losses = {r["peer"]: r["first_loss"] for r in group if r.get("first_loss") is not None}
+            qembed = losses.pop(DIFFERENT_MODEL, None)  # its embedding is 4-bit: not the same model
+            if qembed is not None and "lora_course" in losses:
+                checks.append(
+                    {
+                        "what": f"{bench} {config}: first-step loss with the embedding quantized within 1%",
+                        "ok": abs(qembed - losses["lora_course"]) <= 0.01 * abs(losses["lora_course"]),
+                        "detail": {
+                            "lora_course": round(losses["lora_course"], 6),
+                            DIFFERENT_MODEL: round(qembed, 6),
+                        },
+                    }
+                )
             if len(losses) > 1:
                 spread = max(losses.values()) - min(losses.values())
                 checks.append(
