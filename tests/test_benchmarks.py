@@ -4,6 +4,8 @@ Numbers from the micro model mean nothing, so nothing here looks at timings.
 """
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -178,3 +180,19 @@ def test_a_peer_can_be_skipped_for_one_bench_only():
     assert "reference BLAS" in skip_reason("lora", "mlx_lm_stock", PRESETS["medium"])
     assert skip_reason("qlora", "lora_course_qembed", PRESETS["medium"]).startswith("run where")
     assert skip_reason("qlora", "lora_course_qembed", big) is None
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or shutil.which("cc") is None, reason="LD_PRELOAD and cc"
+)
+def test_gemm_share_times_the_sgemm_calls_of_a_step(tmp_path):
+    from benchmarks.gemm_share import build_shim
+
+    lib = build_shim(tmp_path)
+    env = {**os.environ, "LD_PRELOAD": str(lib), "MKL_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "benchmarks.gemm_share", "--worker", "micro", "--steps", "2"]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
+    cells = [c.strip() for c in out.strip().splitlines()[-1].strip("|").split("|")]
+    step_ms, inside_ms = float(cells[2].replace(",", "")), float(cells[3].split()[0].replace(",", ""))
+    calls = int(cells[5].replace(",", ""))
+    assert cells[0] == "micro" and calls > 0 and 0 <= inside_ms <= step_ms and float(cells[4]) > 0
