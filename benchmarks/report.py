@@ -17,6 +17,7 @@ PEER_LABELS = {
     "torch_peft_1t": "PyTorch + PEFT, 1 thread",
     "lora_course_full_logits": "lora_course, plain loss (full logits)",
     "lora_course_qembed": "lora_course, embedding quantized too",
+    "lora_course_ckpt": "lora_course, gradient checkpointing",
     "lora_course_gguf": "GGUF (lora_course.load)",
 }
 BENCH_TITLES = {
@@ -236,6 +237,7 @@ def plot(results: dict, path: Path) -> None:
         "torch_peft_1t": "#ffbb78",
         "lora_course_full_logits": "#ff9896",
         "lora_course_qembed": "#98df8a",
+        "lora_course_ckpt": "#c5b0d5",
         "lora_course_gguf": "#9467bd",
     }
     for ax, (bench, key, title) in zip(axes[0], panels):

@@ -40,15 +40,24 @@ BENCH_PEERS = {
     "lora": (
         "lora_course",
         "lora_course_full_logits",
+        "lora_course_ckpt",
         "mlx_lm_stock",
         "mlx_lm_same_blas",
         "torch_peft",
         "torch_peft_1t",
     ),
-    "qlora": ("lora_course", "lora_course_qembed", "mlx_lm_stock", "mlx_lm_same_blas", "torch_peft"),
+    "qlora": (
+        "lora_course",
+        "lora_course_qembed",
+        "lora_course_ckpt",
+        "mlx_lm_stock",
+        "mlx_lm_same_blas",
+        "torch_peft",
+    ),
     "generation": ("lora_course", "mlx_lm_stock", "mlx_lm_same_blas"),
     "load": ("lora_course", "lora_course_gguf"),  # safetensors through lora_course.load; GGUF
 }
+OPT_IN = ("lora_course_ckpt",)  # run only when --peers names them
 SCHEMA = 2  # 2: per-measurement machine load ("load"), real model shapes, skipped peers
 TOKENIZER_PIECES = 4096  # lora_course/assets/base/tokenizer.model, which the load bench uses
 NO_GPU = "not run: no GPU machine was available to this benchmark run (CPU only)"
@@ -67,6 +76,11 @@ def run_worker(spec: dict, timeout: float) -> dict:
             return json.loads(line[len(MARKER) :])
     tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
     return {"error": f"exit {proc.returncode}: {tail}"}
+
+
+def bench_peers(bench: str, named: list[str] | None) -> list[str]:
+    """The peers a bench runs: those named with --peers, else all but the opt-in ones."""
+    return [p for p in BENCH_PEERS[bench] if (p in named if named else p not in OPT_IN)]
 
 
 def skip_reason(bench: str, peer: str, cfg: BenchConfig) -> str | None:
@@ -194,7 +208,7 @@ def main(argv=None) -> int:
                 for cfg in configs:
                     if cfg.max_rounds is not None and r >= cfg.max_rounds:
                         continue
-                    peers = [p for p in BENCH_PEERS[bench] if args.peers is None or p in args.peers]
+                    peers = bench_peers(bench, args.peers)
                     for peer in _rotate(peers, r):
                         why = skip_reason(bench, peer, cfg)
                         if why is not None:

@@ -76,7 +76,7 @@ def _reset_mlx_memory():
 def run_lora_course(cfg, weights_path, data_path, quant: bool) -> dict:
     from lora_course import Model, ModelArgs, apply_lora, quantize_model
     from lora_course.training.chunked_loss import default_loss
-    from lora_course.training.step import make_step
+    from lora_course.training.step import enable_grad_checkpoint, make_step
 
     import mlx.core as mx
     import mlx.optimizers as optim
@@ -91,6 +91,8 @@ def run_lora_course(cfg, weights_path, data_path, quant: bool) -> dict:
         quantize_model(model, group_size=cfg.group_size, bits=cfg.bits, quantize_embedding=embed)
     apply_lora(model, num_layers=-1, keys=list(cfg.keys), rank=cfg.rank, alpha=cfg.alpha)
     model.train()
+    if cfg.extra.get("grad_checkpoint"):  # peer lora_course_ckpt: recompute each block
+        enable_grad_checkpoint(model)
     optimizer = optim.Adam(learning_rate=1e-4)
     optimizer.init(model.trainable_parameters())
 

@@ -17,6 +17,7 @@ PEERS = {
     "lora_course": ("lora_course", "lora_course"),
     "lora_course_full_logits": ("lora_course", "lora_course"),  # the plain loss: see train_step.py
     "lora_course_qembed": ("lora_course", "lora_course"),  # QLoRA, the embedding quantized too
+    "lora_course_ckpt": ("lora_course", "lora_course"),  # gradient checkpointing on
     "lora_course_gguf": ("lora_course", "lora_course_gguf"),  # load bench: GGUF instead of safetensors
     "mlx_lm_stock": ("stock", "mlx_lm"),
     "mlx_lm_same_blas": ("same", "mlx_lm"),
@@ -27,6 +28,7 @@ PEER_EXTRA = {
     "torch_peft_1t": {"torch_threads": 1},
     "lora_course_full_logits": {"loss_chunk_size": 0},
     "lora_course_qembed": {"quantize_embedding": True},
+    "lora_course_ckpt": {"grad_checkpoint": True},
 }
 GEMM_PEERS = {"mlx": "lora_course", "numpy": "stock", "torch": "torch"}
 MARKER = "BENCH_RESULT "

@@ -196,3 +196,18 @@ def test_gemm_share_times_the_sgemm_calls_of_a_step(tmp_path):
     step_ms, inside_ms = float(cells[2].replace(",", "")), float(cells[3].split()[0].replace(",", ""))
     calls = int(cells[5].replace(",", ""))
     assert cells[0] == "micro" and calls > 0 and 0 <= inside_ms <= step_ms and float(cells[4]) > 0
+
+
+def test_the_gradient_checkpointing_peer_runs_only_when_named(tmp_path):
+    results, _ = run_bench(
+        tmp_path, "--benches", "lora", "--peers", "lora_course", "lora_course_ckpt", quick=True
+    )
+    rows = {r["peer"]: r for r in results["rows"]}
+    assert set(rows) == {"lora_course", "lora_course_ckpt"}
+    for row in rows.values():
+        check_row(row)
+    assert [c["ok"] for c in results["checks"]] == [True]  # same first-step loss: same work
+    from benchmarks.run import bench_peers
+
+    assert "lora_course_ckpt" not in bench_peers("lora", None) + bench_peers("qlora", None)
+    assert bench_peers("qlora", ["lora_course_ckpt"]) == ["lora_course_ckpt"]
