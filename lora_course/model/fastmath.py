@@ -20,6 +20,13 @@ recomputes an exponential: sigmoid, SiLU and softmax have hand-written gradients
 keep what MLX's own ops keep (so no extra memory), and logsumexp's autodiff reuses the
 forward's powers.
 
+Two functions also keep less for the backward pass than autodiff would: ``swiglu``
+keeps only its two inputs (``silu`` times ``up`` keeps two hidden-width matrices more),
+and ``attention`` keeps each row's logsumexp instead of the (Lq, Lk) probabilities,
+recomputing them in the backward pass. Measured on the compiled LoRA step at the
+Llama-3.2-1B shape (batch 1 x 512): 139 MiB of activations per layer before, 111 MiB
+with the attention, 79 MiB with both.
+
 The fast path is used only where it is faster: the CPU device on Linux x86-64. On
 macOS (Accelerate / NEON) and on GPUs each function is the MLX op it replaces, which
 is also its plain reference (``tests/model/test_fastmath.py`` checks the two agree). Set
@@ -124,6 +131,32 @@ def silu(x: mx.array) -> mx.array:
     return _silu(_f32(x))[0].astype(x.dtype)
 
 
+# SwiGLU's product keeping only its two inputs for the backward pass, where the sigmoid is
+# recomputed. fastmath.silu(gate) * up keeps gate, sigmoid(gate), silu(gate) and up: two
+# hidden-width matrices more per layer (32 MiB each in a 1B model's layer at 512 tokens).
+
+
+@mx.custom_function
+def _swiglu(gate, up):
+    return gate * _sigmoid32(gate) * up
+
+
+@_swiglu.vjp
+def _swiglu_vjp(primals, d_out, out):
+    gate, up = mx.depends(list(primals), [d_out])  # recompute in the backward pass (see _attend_vjp)
+    s = _sigmoid32(gate)
+    d_silu = s * (1.0 + gate * (1.0 - s))  # d (gate s) / d gate
+    return d_out * up * d_silu, d_out * gate * s
+
+
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    """silu(gate) * up, SwiGLU's product (Shazeer, 2020); on the fast path it keeps only
+    gate and up for the backward pass."""
+    if not enabled() or gate.size < SMALL:  # mx.compile fuses MLX's own ops well enough
+        return nn.silu(gate) * up
+    return _swiglu(_f32(gate), _f32(up)).astype(gate.dtype if gate.dtype == up.dtype else mx.float32)
+
+
 def softmax(x: mx.array, axis: int = -1) -> mx.array:
     """e**x / sum(e**x) along ``axis``, shifted by the max so nothing overflows."""
     if not enabled():
@@ -174,12 +207,49 @@ def attention(
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    q = (q * scale).reshape(B, Hkv, H // Hkv, Lq, D)  # each K/V head serves H / Hkv query heads
-    scores = q @ k[:, :, None].swapaxes(-1, -2)  # (B, Hkv, H/Hkv, Lq, Lk)
-    if mask is not None:
-        scores = mx.where(mask, scores, -mx.inf)
-    elif causal:
-        visible = mx.arange(Lk - Lq, Lk)[:, None] >= mx.arange(Lk)[None, :]  # (Lq, Lk)
-        scores = mx.where(visible, scores, -mx.inf)
-    out = softmax(scores, axis=-1).astype(v.dtype) @ v[:, :, None]  # (B, Hkv, H/Hkv, Lq, D)
-    return out.reshape(B, H, Lq, D)
+    if mask is None and causal:  # query i sees keys up to its absolute position
+        mask = mx.arange(Lk - Lq, Lk)[:, None] >= mx.arange(Lk)[None, :]  # (Lq, Lk)
+    elif mask is None:
+        mask = mx.ones((Lq, Lk), mx.bool_)
+    q = (_f32(q) * scale).reshape(B, Hkv, H // Hkv, Lq, D)  # each K/V head serves H / Hkv query heads
+    out, _ = _attend(q, _f32(k)[:, :, None], _f32(v)[:, :, None], mask)  # (B, Hkv, H/Hkv, Lq, D)
+    return out.reshape(B, H, Lq, D).astype(v.dtype)
+
+
+# Attention that keeps no (Lq, Lk) matrix for the backward pass. Plain autodiff keeps the
+# softmax's probabilities, heads x Lq x Lk floats per layer: 32 MiB in each of a 1B
+# model's 16 layers at 512 tokens, more than any other activation. Here the forward keeps
+# only each row's logsumexp, and the backward recomputes the probabilities from q and k
+# (one more small matmul and one exp per score), the recomputation of FlashAttention
+# (Dao et al., 2022, arXiv:2205.14135) without its tiling.
+
+
+def _scores(q, k, visible):
+    return mx.where(visible, q @ k.swapaxes(-1, -2), -mx.inf)  # (B, Hkv, G, Lq, Lk)
+
+
+@mx.custom_function
+def _attend(q, k, v, visible):
+    """q: (B, Hkv, G, Lq, D), already scaled; k, v: (B, Hkv, 1, Lk, D); visible: (Lq, Lk)."""
+    scores = _scores(q, k, visible)
+    top = mx.max(scores, axis=-1, keepdims=True)
+    e = mx.power(2.0, (scores - top) * LOG2E)  # e**(s - max): nothing overflows
+    total = mx.sum(e, axis=-1, keepdims=True)
+    return (e / total) @ v, top + mx.log(total)  # the output, and the logsumexp kept for backward
+
+
+@_attend.vjp
+def _attend_vjp(primals, cotangents, outputs):
+    q, k, v, visible = primals
+    d_out, (out, lse) = cotangents[0], outputs
+    # Recompute once the output's gradient exists: without the dependency, MLX would run
+    # this with the forward (or mx.compile merge it with the forward's product) and the
+    # probabilities would stay alive until the backward pass after all.
+    q, k = mx.depends([q, k], [d_out])
+    p = mx.power(2.0, (_scores(q, k, visible) - lse) * LOG2E)  # the forward's probabilities
+    d_v = (p.swapaxes(-1, -2) @ d_out).sum(axis=2, keepdims=True)  # summed over the group
+    d_p = d_out @ v.swapaxes(-1, -2)
+    # softmax backward: p * (d_p - sum(p * d_p)), and sum(p * d_p) = sum(out * d_out) per row
+    d_s = p * (d_p - mx.sum(out * d_out, axis=-1, keepdims=True))
+    d_k = (d_s.swapaxes(-1, -2) @ q).sum(axis=2, keepdims=True)
+    return d_s @ k, d_k, d_v, mx.zeros_like(visible)

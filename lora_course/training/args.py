@@ -39,7 +39,7 @@ class TrainingArgs:
     adapter_path: str = "adapters"  # directory for adapters, checkpoints and training state
     early_stopping_patience: int | None = None  # stop after N evals without a better val loss
     # positions per cross-entropy chunk (training/chunked_loss.py); None: auto, chunked
-    # from a 32k vocabulary up, about 128 MiB of logits per chunk; 0: the plain loss
+    # from a 32k vocabulary up, about 64 MiB of logits per chunk; 0: the plain loss
     loss_chunk_size: int | None = None
     grad_checkpoint: bool = False  # recompute each block in the backward pass to save memory
     seed: int = 0  # fixes data order and dropout; the same seed gives the same run

@@ -24,9 +24,12 @@ Why not ``mx.checkpoint`` per chunk (recompute the logits in the backward pass)?
 the compiler merges the two, so the forward logits of every chunk are kept after all.
 Measured on the compiled LoRA step at the Llama-3.2-1B shape cut to 2 layers, batch
 1 x 512, extra MLX peak over the weights: plain loss 1,249 MiB; ``mx.checkpoint`` chunks
-1,240 MiB; these chunks 866 MiB (261 positions, the automatic size) or 790 MiB (128), at
-about the plain loss's step time. ``mx.depends`` chains the chunks, so that a chunk starts
-only when the previous one's gradient is done and its logits can be freed.
+1,240 MiB; these chunks 866 MiB at 261 positions. With today's attention and SwiGLU
+(``model/fastmath.py``, which keep less per layer): plain 1,145 MiB, chunks of 130
+positions (the automatic size, 64 MiB of logits) 670 MiB, at the plain loss's step time;
+chunks of 64 positions save 160 MiB more but ran 10-40% slower. ``mx.depends`` chains
+the chunks, so that a chunk starts only when the previous one's gradient is done and its
+logits can be freed.
 
 ``chunked_loss(...).value_only`` is the same loss without the gradient work, which
 ``evaluate`` uses. Tested equal to the plain loss in value and gradients
@@ -45,7 +48,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 CHUNKED_VOCAB = 32768  # from this vocabulary size up, the trainer's default loss is chunked
-CHUNK_LOGITS = 2**25  # logits per chunk when the size is automatic: 128 MiB of float32
+CHUNK_LOGITS = 2**24  # logits per chunk when the size is automatic: 64 MiB of float32
 
 
 def auto_chunk_size(vocab_size: int) -> int:

@@ -161,3 +161,104 @@ def test_compiles(fast):
     x = mx.random.normal((4, 64))
     f = mx.compile(lambda a: fastmath.softmax(fastmath.silu(a)))
     assert rel_err(f(x), mx.softmax(nn.silu(x), axis=-1)) < 1e-6
+
+
+def test_swiglu_matches_silu_times_up(fast):
+    mx.random.seed(5)
+    gate, up = mx.random.normal((2, 9, 40)) * 4, mx.random.normal((2, 9, 40))
+    w = mx.random.normal((2, 9, 40))
+    assert rel_err(fastmath.swiglu(gate, up), nn.silu(gate) * up, floor=1e-3) < 1e-6
+
+    def loss(fn):
+        return lambda g, u: (fn(g, u) * w).sum()
+
+    ours = mx.grad(loss(fastmath.swiglu), argnums=(0, 1))(gate, up)
+    theirs = mx.grad(loss(lambda g, u: nn.silu(g) * u), argnums=(0, 1))(gate, up)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-6)
+    compiled = mx.compile(mx.grad(loss(fastmath.swiglu), argnums=(0, 1)))(gate, up)
+    for a, b in zip(compiled, theirs):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-6)
+    half = fastmath.swiglu(gate.astype(mx.bfloat16), up.astype(mx.bfloat16))
+    assert half.dtype == mx.bfloat16 and half.shape == gate.shape
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_attention_gradients_compiled_and_masked(fast, window):
+    """The recomputing backward under mx.compile (the trainer's step), GQA, with and without
+    a sliding-window mask, equals MLX's fused attention's gradients."""
+    from lora_course.model.attention import sliding_window_mask
+
+    mx.random.seed(6)
+    q, k, v = (
+        mx.random.normal((1, 4, 8, 16)),
+        mx.random.normal((1, 2, 8, 16)),
+        mx.random.normal((1, 2, 8, 16)),
+    )
+    w = mx.random.normal((1, 4, 8, 16))
+    mask = None if window is None else sliding_window_mask(8, 8, window)
+
+    def ours(q, k, v):
+        return (fastmath.attention(q, k, v, 0.25, causal=True, mask=mask) * w).sum()
+
+    def theirs(q, k, v):
+        m = "causal" if mask is None else mask
+        return (mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=m) * w).sum()
+
+    got = mx.compile(mx.grad(ours, argnums=(0, 1, 2)))(q, k, v)
+    want = mx.grad(theirs, argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5)
+
+
+def _compiled_grad_peak_mib(fn, *inputs) -> float:
+    step = mx.compile(mx.grad(fn, argnums=tuple(range(len(inputs)))))
+    mx.eval(step(*inputs))  # compile first
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    mx.eval(step(*inputs))
+    return (mx.get_peak_memory() - before) / 2**20
+
+
+def test_backward_keeps_no_probabilities_or_hidden_products(fast):
+    """The compiled gradient of n stacked attentions (8 heads x 512 x 512 probabilities:
+    8 MiB each) or SwiGLUs (4 MiB hidden products): eight more of them must not add eight
+    times what autodiff keeps per layer, only transients of one or two layers."""
+    mx.random.seed(7)
+    x = mx.random.normal((1, 8, 512, 16))
+
+    def attention_stack(attend, n):
+        def fn(x):
+            for _ in range(n):
+                x = attend(x)
+            return x.sum()
+
+        return fn
+
+    def growth(fn, make, *inputs):  # extra peak of 16 layers over 8
+        return _compiled_grad_peak_mib(make(fn, 16), *inputs) - _compiled_grad_peak_mib(make(fn, 8), *inputs)
+
+    def sdpa(x):
+        return mx.fast.scaled_dot_product_attention(x, x, x, scale=0.25, mask="causal")
+
+    assert growth(sdpa, attention_stack, x) > 56  # MLX keeps the 8 x 8 MiB of probabilities
+    assert growth(lambda x: fastmath.attention(x, x, x, 0.25, causal=True), attention_stack, x) < 16
+
+    # a feed-forward stack, x + swiglu(x w1, x w2) w3, hidden products of 4 MiB
+    x = mx.random.normal((256, 256))
+    w1, w2 = mx.random.normal((256, 4096)) * 0.05, mx.random.normal((256, 4096)) * 0.05
+    w3 = mx.random.normal((4096, 256)) * 0.05
+
+    def ffn_stack(product, n):
+        def fn(x):
+            for _ in range(n):
+                x = x + product(x @ w1, x @ w2) @ w3
+            return x.sum()
+
+        return fn
+
+    # gate, up, the product (w3's input) and, through silu, sigmoid(gate) and silu(gate)
+    keep_all = growth(lambda g, u: fastmath.silu(g) * u, ffn_stack, x)
+    assert keep_all > 8 * 4 * 4
+    assert growth(fastmath.swiglu, ffn_stack, x) < keep_all - 8 * 4  # at least one matrix less per layer

@@ -114,7 +114,7 @@ def test_the_trainer_chunks_large_vocabularies_only():
     assert default_loss(make_model(True), 8) is not loss
     big = make_model(True, vocab=CHUNKED_VOCAB)
     assert default_loss(big, None) is not loss and default_loss(big, 0) is loss
-    assert auto_chunk_size(128256) == 261 and auto_chunk_size(49152) == 682
+    assert auto_chunk_size(128256) == 130 and auto_chunk_size(49152) == 341
     with pytest.raises(ValueError, match="loss_chunk_size"):
         TrainingArgs(loss_chunk_size=-1)
 
