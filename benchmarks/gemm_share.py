@@ -69,29 +69,17 @@ def worker(config: str, steps: int) -> None:
     import time
 
     import lora_course  # noqa: F401  (MKL before mlx)
-    from lora_course import Model, ModelArgs, apply_lora
-    from lora_course.training.chunked_loss import default_loss
-    from lora_course.training.step import make_step
 
     import mlx.core as mx
-    import mlx.optimizers as optim
 
     from benchmarks.configs import PRESETS
+    from benchmarks.train_step import lora_course_step
 
     shim = ctypes.CDLL(None)
     shim.shim_seconds.restype = shim.shim_flops.restype = ctypes.c_double
     shim.shim_calls.restype = ctypes.c_long
     cfg = PRESETS[config]
-    mx.random.seed(cfg.seed)
-    model = Model(ModelArgs.from_dict(cfg.hf_config()))
-    apply_lora(model, num_layers=-1, keys=list(cfg.keys), rank=cfg.rank, alpha=cfg.alpha)
-    model.train()
-    optimizer = optim.Adam(learning_rate=1e-4)
-    optimizer.init(model.trainable_parameters())
-    _, update = make_step(model, optimizer, default_loss(model, None))
-    state = [model.state, optimizer.state, mx.random.state]
-    mx.eval(state)
-    update = mx.compile(update, inputs=state, outputs=state)
+    update, state = lora_course_step(cfg)  # random weights: the timing does not depend on them
     tokens = mx.random.randint(0, cfg.vocab_size, (cfg.batch, cfg.seq + 1))
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     mask = mx.ones(inputs.shape, mx.float32)

@@ -41,7 +41,7 @@ PEFT_QLORA_SKIP = (
 )
 
 
-def _mlx_result(timing, cfg, model, rss_method) -> dict:
+def _mlx_result(timing, cfg, rss_method) -> dict:
     import mlx.core as mx
 
     return {
@@ -73,7 +73,9 @@ def _reset_mlx_memory():
     return measure.reset_peak_rss()
 
 
-def run_lora_course(cfg, weights_path, data_path, quant: bool) -> dict:
+def lora_course_step(cfg, quant: bool = False, load_weights=None):
+    """lora_course's compiled training step on ``cfg``'s shape, as the trainer builds it:
+    ``(update, state)``. ``load_weights(model)`` fills the weights (else they stay random)."""
     from lora_course import Model, ModelArgs, apply_lora, quantize_model
     from lora_course.training.chunked_loss import default_loss
     from lora_course.training.step import enable_grad_checkpoint, make_step
@@ -84,7 +86,8 @@ def run_lora_course(cfg, weights_path, data_path, quant: bool) -> dict:
     args = ModelArgs.from_dict(cfg.hf_config())
     mx.random.seed(cfg.seed)
     model = Model(args)
-    load_into_mlx(model, weights_path)
+    if load_weights is not None:
+        load_weights(model)
     if quant:
         # peer lora_course_qembed: the embedding (and so the tied head) quantized as well
         embed = bool(cfg.extra.get("quantize_embedding"))
@@ -103,8 +106,13 @@ def run_lora_course(cfg, weights_path, data_path, quant: bool) -> dict:
     _, update = make_step(model, optimizer, loss)
     state = [model.state, optimizer.state, mx.random.state]
     mx.eval(state)
-    update = mx.compile(update, inputs=state, outputs=state)
+    return mx.compile(update, inputs=state, outputs=state), state
 
+
+def run_lora_course(cfg, weights_path, data_path, quant: bool) -> dict:
+    import mlx.core as mx
+
+    update, state = lora_course_step(cfg, quant, lambda model: load_into_mlx(model, weights_path))
     tokens = _mlx_tokens(data_path)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, L) each
     mask = mx.ones(inputs.shape, mx.float32)
@@ -121,7 +129,7 @@ def run_lora_course(cfg, weights_path, data_path, quant: bool) -> dict:
     timing = measure.time_calls(
         step, cfg, before_timing=lambda: rss.update(m=_reset_mlx_memory()), probe=measure.mlx_gemm_probe()
     )
-    return {**_mlx_result(timing, cfg, model, rss["m"]), "first_loss": losses[0], "last_loss": losses[-1]}
+    return {**_mlx_result(timing, cfg, rss["m"]), "first_loss": losses[0], "last_loss": losses[-1]}
 
 
 def run_mlx_lm(cfg, weights_path, data_path, quant: bool) -> dict:
@@ -182,7 +190,7 @@ def run_mlx_lm(cfg, weights_path, data_path, quant: bool) -> dict:
     timing = measure.time_calls(
         step, cfg, before_timing=lambda: rss.update(m=_reset_mlx_memory()), probe=measure.mlx_gemm_probe()
     )
-    return {**_mlx_result(timing, cfg, model, rss["m"]), "first_loss": losses[0], "last_loss": losses[-1]}
+    return {**_mlx_result(timing, cfg, rss["m"]), "first_loss": losses[0], "last_loss": losses[-1]}
 
 
 def cores() -> int:

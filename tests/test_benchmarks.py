@@ -211,3 +211,31 @@ def test_the_gradient_checkpointing_peer_runs_only_when_named(tmp_path):
 
     assert "lora_course_ckpt" not in bench_peers("lora", None) + bench_peers("qlora", None)
     assert bench_peers("qlora", ["lora_course_ckpt"]) == ["lora_course_ckpt"]
+
+
+def test_variant_peers_are_judged_against_their_targets():
+    from benchmarks.summary import targets
+
+    def row(bench, peer, rss):
+        return {"bench": bench, "config": "llama-3.2-1b", "peer": peer, "peak_rss_mib": rss}
+
+    rows = [
+        row("lora", "lora_course", 6000.0),
+        row("lora", "torch_peft", 9000.0),
+        row("lora", "lora_course_ckpt", 5000.0),
+        row("qlora", "lora_course_ckpt", 2000.0),
+        row("qlora", "lora_course_qembed", 3000.0),
+    ]
+    got = {t["target"]: (round(t["measured"], 3), t["met"]) for t in targets([], rows)}
+    assert got == {
+        "LoRA step llama-3.2-1b: peak RSS <= 0.7x PyTorch + PEFT's": (0.667, True),
+        "LoRA step llama-3.2-1b (gradient checkpointing): peak RSS <= 0.7x PyTorch + PEFT's": (0.556, True),
+        "QLoRA step llama-3.2-1b (gradient checkpointing): peak RSS <= 0.4x our fp32 LoRA step's": (
+            0.333,
+            True,
+        ),
+        "QLoRA step llama-3.2-1b (embedding quantized too): peak RSS <= 0.4x our fp32 LoRA step's": (
+            0.5,
+            False,
+        ),
+    }
