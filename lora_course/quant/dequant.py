@@ -10,6 +10,8 @@ the saving is in what stays resident. On other devices it runs MLX's fused
 
 from __future__ import annotations
 
+from lora_course.quant.quantize import dequantize
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -19,7 +21,7 @@ def make_dequant_matmul(group_size: int, bits: int):
 
     # float32 throughout: CPU matmuls in float16 / bfloat16 are ~15x slower than in float32.
     def dense(w_q, scales, biases):  # (out, in)
-        w = mx.dequantize(w_q, scales, biases, group_size=group_size, bits=bits)
+        w = dequantize(w_q, scales, biases, group_size=group_size, bits=bits)
         return w.astype(mx.float32)
 
     @mx.custom_function
@@ -67,6 +69,18 @@ def _dequant_path(layer: nn.Module) -> bool:
         return False
     path = getattr(layer, "path", "auto")
     return path == "dequant" or (path == "auto" and mx.default_device() == mx.cpu)
+
+
+def dequantize_after(layer: nn.Module, after: mx.array) -> mx.array | None:
+    """A quantized layer's float32 weight (out, in), computed once ``after`` exists, where
+    the layer runs the dequant path (CPU); ``None`` for any other layer. For a frozen head
+    applied many times in one step (the chunked loss): one de-quantization, not two per use."""
+    if not isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)) or not _dequant_path(layer):
+        return None
+    packed = mx.depends([layer["weight"], layer["scales"], layer["biases"]], [after])
+    # our dequantize (bit-equal to mx.dequantize): element-wise, so under mx.compile it writes
+    # the float matrix and nothing else; mx.dequantize's CPU kernel peaks at twice that
+    return dequantize(*packed, group_size=layer.group_size, bits=layer.bits).astype(mx.float32)
 
 
 class DequantLinear(nn.QuantizedLinear):

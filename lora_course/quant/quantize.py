@@ -101,8 +101,12 @@ def unpack(w_q: mx.array, bits: int) -> mx.array:
     """Inverse of :func:`pack`: uint32 words (..., W) -> codes (..., W * 32 / bits), uint32."""
     codes, words = _pack_layout(bits)
     *lead, n_words = w_q.shape
-    w_q = w_q.reshape(*lead, n_words // words, words)  # (..., packs, words)
     mask = (1 << bits) - 1
+    if words == 1:  # 2, 4 or 8 bits: no code straddles two words, so one broadcast shift does
+        # it, an element-wise op that mx.compile fuses with whatever uses the codes
+        shifts = mx.arange(0, 32, bits, dtype=mx.uint32)  # (codes,)
+        return ((w_q[..., None] >> shifts) & mask).reshape(*lead, n_words * codes)
+    w_q = w_q.reshape(*lead, n_words // words, words)  # (..., packs, words)
     out = []
     for k in range(codes):
         word, shift = divmod(k * bits, 32)

@@ -41,6 +41,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from lora_course.model.fastmath import cross_entropy
+from lora_course.quant.dequant import dequantize_after
 from lora_course.training.evaluate import loss
 from lora_course.tree import tree_flatten, tree_unflatten
 
@@ -98,12 +99,21 @@ def chunked_cross_entropy(model: nn.Module, h: mx.array, targets: mx.array, mask
         flat_h = h.reshape(-1, h.shape[-1])  # (N, dim), N = B*L
         flat_t, flat_m = targets.reshape(-1), mask.reshape(-1).astype(mx.float32)
         total, dhs, dsums = mx.zeros((), mx.float32), [], None
+        run = head
+        w = None if arrays else dequantize_after(layer, flat_h)
+        if w is not None:  # a frozen 4-bit head on CPU: de-quantized once per step, not per chunk
+            bias = layer["bias"] if "bias" in layer else None
+
+            def run(hc):
+                y = hc.astype(mx.float32) @ w.T
+                return y if bias is None else y + bias
+
         for start in range(0, flat_h.shape[0], chunk_size):
             hc = flat_h[start : start + chunk_size]
             if dhs:  # one chunk after another: one chunk's logits (and head gradient) alive
                 hc = mx.depends(hc, [dhs[-1], *dsums])
             cut = slice(start, start + chunk_size)
-            value, dh, darrays = _chunk(head, hc, flat_t[cut], flat_m[cut], arrays)
+            value, dh, darrays = _chunk(run, hc, flat_t[cut], flat_m[cut], arrays)
             total, dhs = total + value, dhs + [dh]
             dsums = darrays if dsums is None else [a + b for a, b in zip(dsums, darrays)]
         if arrays:
