@@ -21,7 +21,7 @@ def make_dequant_matmul(group_size: int, bits: int):
 
     # float32 throughout: CPU matmuls in float16 / bfloat16 are ~15x slower than in float32.
     def dense(w_q, scales, biases):  # (out, in)
-        w = dequantize(w_q, scales, biases, group_size=group_size, bits=bits)
+        w = mx.dequantize(w_q, scales, biases, group_size=group_size, bits=bits)
         return w.astype(mx.float32)
 
     @mx.custom_function
