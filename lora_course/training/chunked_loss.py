@@ -103,9 +103,11 @@ def chunked_cross_entropy(model: nn.Module, h: mx.array, targets: mx.array, mask
         w = None if arrays else dequantize_after(layer, flat_h)
         if w is not None:  # a frozen 4-bit head on CPU: de-quantized once per step, not per chunk
             bias = layer["bias"] if "bias" in layer else None
+            same = layer["scales"].dtype  # the quantized head's output dtype: the input's if it matches
 
             def run(hc):
                 y = hc.astype(mx.float32) @ w.T
+                y = y.astype(hc.dtype if hc.dtype == same else mx.float32)
                 return y if bias is None else y + bias
 
         for start in range(0, flat_h.shape[0], chunk_size):

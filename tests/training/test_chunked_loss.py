@@ -159,3 +159,17 @@ def test_the_compiled_chunked_step_equals_the_plain_one():
     close(results[0][0], results[1][0])
     for k, g in results[0][1].items():
         close(g, results[1][1][k])
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_half_precision_quantized_head_gives_the_plain_loss(tied):
+    """The frozen 4-bit head that the chunked loss de-quantizes once per step makes the
+    logits in the dtype the quantized layer itself would (bfloat16 here), as the plain loss sees them."""
+    model = make_model(tied, quantized=True)
+    model.set_dtype(mx.bfloat16)
+    model.output_layer.freeze()
+    mx.eval(model.parameters())
+    inputs, targets, mask = make_batch()
+    plain, _ = loss(model, inputs, targets, mask)
+    chunked, _ = chunked_loss(5)(model, inputs, targets, mask)
+    close(chunked, plain, tol=1e-6)
